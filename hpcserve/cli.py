@@ -1,0 +1,48 @@
+"""Command-line entry point: a click group whose subcommands live in ``hpcserve/commands/``.
+
+Kept thin: each command parses its flags and calls into the package. User-facing
+errors (``HpcserveError``) print as one line and exit 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hpcserve import __version__
+from hpcserve.errors import HpcserveError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HpcserveError as exc:
+            click.echo(f"hpcserve: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("hpcserve: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpcserve")
+def main() -> None:
+    """hpcserve: LLM inference for Slurm/HPC sites.
+
+    Offline today: `run-batch` runs an OpenAI Batch JSONL file through the engine,
+    `bench throughput` measures it against transformers, `models demo` prepares the
+    embedded SmolLM2-135M-Instruct model.
+    """
+
+
+def _register() -> None:
+    from hpcserve.commands import bench, models, run_batch
+
+    main.add_command(models.models)
+    main.add_command(run_batch.run_batch)
+    main.add_command(bench.bench)
+
+
+_register()
