@@ -1,0 +1,200 @@
+"""LLMEngine: one replica's engine loop, schedule → run → postprocess.
+
+Lifecycle: ``LLMEngine(EngineConfig)`` resolves the model (``demo``, a ``.gguf``, or
+an HF directory), loads the tokenizer and weights and sizes the KV cache. Callers
+then ``add_request`` / ``abort_request`` at any time and call ``step()`` until
+``has_unfinished_requests()`` is False. Each ``step()``::
+
+    sched_out = scheduler.schedule()            # token budget → chunks and decodes
+    sampled   = runner.execute(sched_out)       # forward over the paged KV cache, sample
+    events    = scheduler.update_from_output(sched_out, sampled)
+    outputs   = detokenize, apply stop strings, build RequestOutput deltas
+
+The engine is single-threaded: the serving daemon (later issues) drives it from
+one event loop per role.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from hpcserve.engine.detok import IncrementalDetokenizer
+from hpcserve.engine.kv_cache import KVCacheManager
+from hpcserve.engine.outputs import RequestOutput
+from hpcserve.engine.request import Request, RequestStatus, SamplingParams
+from hpcserve.engine.scheduler import Scheduler
+from hpcserve.errors import ModelError, RequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"
+    dtype: str = "float32"  # float32 | bfloat16 (checkpoint/serving dtype)
+    compute_dtype: str = "auto"  # auto | model  (see model_runner)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: from kv_cache_gb
+    kv_cache_gb: float = 2.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: min(model's max positions, 8192)
+    enable_prefix_caching: bool = True
+    collect_logits: bool = False  # tests: keep logits of every scheduled row
+    num_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    attention_backend: str = "auto"
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from hpcserve.engine.model_runner import DTYPES, ModelRunner, choose_compute_dtype
+        from hpcserve.models.config import load_model_config
+        from hpcserve.models.loader import resolve_model
+
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if config.dtype not in DTYPES:
+            raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+        self.model_dir = resolve_model(config.model)
+        self.model_name = "demo" if config.model == "demo" else os.path.basename(os.path.normpath(str(config.model)))
+        self.model_config = mc = load_model_config(self.model_dir)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        except Exception as exc:
+            raise ModelError(f"{self.model_dir}: cannot load the tokenizer ({exc})") from exc
+
+        self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 8192), mc.max_position_embeddings)
+        bs = config.block_size
+        compute = choose_compute_dtype(DTYPES[config.dtype], "cpu", config.compute_dtype)
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            per_block = ModelRunner.kv_bytes_per_block(mc, bs, compute)
+            by_memory = int(config.kv_cache_gb * 2**30) // per_block
+            by_need = config.max_num_seqs * -(-self.max_model_len // bs) + 1
+            num_blocks = max(2, min(by_memory, by_need))
+        self.runner = ModelRunner(
+            mc, self.model_dir, config.dtype, bs, num_blocks, self.max_model_len,
+            collect_logits=config.collect_logits, compute_dtype=config.compute_dtype,
+            attention_backend=config.attention_backend,
+        )
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (tokens sent, logprobs sent)
+        self._aborted: list[Request] = []
+
+    # ------------------------------------------------------------ test hooks
+    @property
+    def last_logits(self):
+        return self.runner.last_logits
+
+    @property
+    def last_positions(self):
+        return self.runner.last_positions
+
+    # ------------------------------------------------------------- requests
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages: must be a non-empty list", field="messages")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise RequestError(f"model {self.model_name} has no chat template; use a completion prompt", field="messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:
+            raise RequestError(f"messages: cannot apply the chat template ({exc})", field="messages") from exc
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise RequestError("prompt: must be a string or a list of token ids", field="prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})", field="prompt")
+        return list(prompt)
+
+    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+        if req_id in self.scheduler.requests:
+            raise RequestError(f"request id {req_id!r} is already in use", field="req_id")
+        params.validate()
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("prompt: is empty after tokenization", field="prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt: {len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
+                f"context length of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
+                field="prompt",
+                code="context_length_exceeded",
+            )
+        req = Request(req_id, ids, params, self.eos_token_ids)
+        self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
+        self._sent[req_id] = (0, 0)
+        self.scheduler.add_request(req)
+        return req
+
+    def abort_request(self, req_id: str) -> bool:
+        req = self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
+        if req is None:
+            return False
+        self._aborted.append(req)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._aborted)
+
+    # ----------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(r, "") for r in self._aborted]
+        self._aborted = []
+        sched_out = self.scheduler.schedule()
+        sampled = self.runner.execute(sched_out)
+        for req, _ in self.scheduler.update_from_output(sched_out, sampled):
+            detok = self._detok[req.req_id]
+            delta = detok.add_tokens(req.output_token_ids[self._sent[req.req_id][0] :])
+            if detok.stop_hit is not None and not req.is_finished:
+                self.scheduler.finish_request(req.req_id, RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = detok.stop_hit
+            elif req.is_finished and detok.stop_hit is None:
+                delta += detok.finish()
+            outputs.append(self._output(req, delta))
+        return outputs
+
+    def _output(self, req: Request, delta: str) -> RequestOutput:
+        n_tok, n_lp = self._sent[req.req_id]
+        detok = self._detok[req.req_id]
+        out = RequestOutput(
+            req_id=req.req_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=detok.text,
+            new_token_ids=req.output_token_ids[n_tok:],
+            new_text=delta,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens,
+            logprobs=list(req.output_logprobs) if req.sampling_params.logprobs is not None else None,
+            new_logprobs=req.output_logprobs[n_lp:],
+        )
+        if req.is_finished:
+            self._detok.pop(req.req_id, None)
+            self._sent.pop(req.req_id, None)
+        else:
+            self._sent[req.req_id] = (len(req.output_token_ids), len(req.output_logprobs))
+        return out

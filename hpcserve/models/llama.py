@@ -1,0 +1,177 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+Plain functional torch, no ``nn.Module`` per layer: the step is one Python loop over
+layers with fused projections (q|k|v in one matmul, gate|up in one), which keeps
+per-step overhead low on CPU. Numerics follow the reference implementation: RMSNorm
+in float32, RoPE tables computed in float32 then cast.
+
+Interface:
+- ``LlamaModel(cfg, weights, dtype, max_positions, attn)``; ``weights`` are HF-named tensors
+  (see ``loader.load_weights``); they are fused and the originals dropped.
+- ``forward(input_ids [T], positions [T], kv_cache, meta) -> hidden [T, hidden]`` where
+  ``kv_cache`` is [layers, 2, num_blocks, block_size, kv_heads, head_dim].
+- ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` (float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hpcserve.models.attention import AttentionMetadata, TorchAttention
+from hpcserve.models.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    kind = rs.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(rs["factor"])
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old_len = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def pick_linear(device: str, dtype: torch.dtype):
+    """The GEMM used for every projection, chosen by capability.
+
+    On CPU, oneDNN's matmul parallelizes small-M GEMMs (decode batches) across
+    cores where MKL's sgemm often runs them on one; measured 1.3-1.6x faster per
+    decode step here. Elsewhere (CUDA) ``F.linear``.
+    """
+    if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        try:
+            x = torch.ones(2, 4)
+            if torch.allclose(_onednn_linear(x, torch.ones(3, 4)), torch.full((2, 3), 4.0)):
+                return _onednn_linear
+        except Exception:  # pragma: no cover - op missing in this build
+            pass
+    return F.linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class _Layer:
+    __slots__ = ("in_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b", "q_norm", "k_norm")
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        max_positions: int,
+        attn: TorchAttention | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attn = attn or TorchAttention()
+        self.linear = pick_linear("cpu", dtype)
+        self.scale = cfg.head_dim ** -0.5
+        w = weights
+
+        def take(name: str) -> torch.Tensor | None:
+            t = w.pop(name, None)
+            return None if t is None else t.to(dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        lm = take("lm_head.weight")
+        self.lm_head = self.embed if (cfg.tie_word_embeddings or lm is None) else lm
+        self.norm = take("model.norm.weight")
+        self.layers: list[_Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            L = _Layer()
+            L.in_norm = take(p + "input_layernorm.weight")
+            L.post_norm = take(p + "post_attention_layernorm.weight")
+            L.qkv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
+            L.qkv_b = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
+            L.o_w = take(p + "self_attn.o_proj.weight")
+            L.o_b = take(p + "self_attn.o_proj.bias") if cfg.o_bias else None
+            L.gu_w = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous()
+            L.gu_b = torch.cat([take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")]) if cfg.mlp_bias else None
+            L.down_w = take(p + "mlp.down_proj.weight")
+            L.down_b = take(p + "mlp.down_proj.bias") if cfg.mlp_bias else None
+            L.q_norm = take(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
+            L.k_norm = take(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
+            self.layers.append(L)
+
+        inv_freq = rope_inv_freq(cfg)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(dtype)
+        sin = emb.sin()
+        half = cfg.head_dim // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): fold the sign into the table
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([x2, x1], dim=-1)
+        if x.dtype == torch.float32:
+            return torch.addcmul(x * cos, rotated, sin_signed)
+        return x * cos + rotated * sin_signed  # the reference's rounding order in bf16/fp16
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        T = input_ids.shape[0]
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        eps = cfg.rms_norm_eps
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
+        linear = self.linear
+        x = F.embedding(input_ids, self.embed)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.in_norm, eps)
+            qkv = linear(h, L.qkv_w, L.qkv_b)
+            v = qkv[:, q_size + kv_size :].view(T, KV, D)
+            if L.q_norm is None:  # rotate q and k heads in one go
+                qk = self._rope(qkv[:, : q_size + kv_size].view(T, H + KV, D), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q = self._rope(rms_norm(qkv[:, :q_size].view(T, H, D), L.q_norm, eps), cos, sin)
+                k = self._rope(rms_norm(qkv[:, q_size : q_size + kv_size].view(T, KV, D), L.k_norm, eps), cos, sin)
+            o = self.attn.forward(q, k.contiguous(), v.contiguous(), kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            x = x + linear(o.view(T, q_size), L.o_w, L.o_b)
+            h = rms_norm(x, L.post_norm, eps)
+            gu = linear(h, L.gu_w, L.gu_b)
+            g, u = gu.chunk(2, dim=-1)
+            x = x + linear(F.silu(g, inplace=True).mul_(u), L.down_w, L.down_b)
+        return rms_norm(x, self.norm, eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden, self.lm_head).float()
