@@ -1,0 +1,1 @@
+"""Benchmarks: each returns a dict of numbers; `hpcserve bench ...` prints them."""
