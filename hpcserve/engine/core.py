@@ -79,6 +79,11 @@ class LLMEngine:
             by_memory = int(config.kv_cache_gb * 2**30) // per_block
             by_need = config.max_num_seqs * -(-self.max_model_len // bs) + 1
             num_blocks = max(2, min(by_memory, by_need))
+        if (num_blocks - 1) * bs < self.max_model_len:
+            # One request must always fit, or it would preempt itself forever.
+            fit = (num_blocks - 1) * bs
+            log.warning("KV cache holds %d tokens: max_model_len lowered from %d", fit, self.max_model_len)
+            self.max_model_len = fit
         self.runner = ModelRunner(
             mc, self.model_dir, config.dtype, bs, num_blocks, self.max_model_len,
             collect_logits=config.collect_logits, compute_dtype=config.compute_dtype,
