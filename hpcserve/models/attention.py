@@ -62,7 +62,7 @@ class TorchAttention:
         v_flat = v_cache.view(-1, num_kv, head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype)
         gqa = q.shape[1] != num_kv
 
         nd = meta.num_decode
@@ -79,7 +79,7 @@ class TorchAttention:
                 qq = q[:nd].view(nd, num_kv, group, head_dim) * scale
                 scores = torch.matmul(qq, kk).add_(meta.decode_bias)
                 probs = torch.softmax(scores, dim=-1)
-                out[:nd] = torch.matmul(probs, vv).view(nd, -1, head_dim)
+                torch.matmul(probs, vv, out=out[:nd].view(nd, num_kv, group, head_dim))
             else:  # half precision: SDPA keeps the reference's internal fp32 math
                 o = F.scaled_dot_product_attention(
                     q[:nd].unsqueeze(2), kk.transpose(2, 3), vv,

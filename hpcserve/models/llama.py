@@ -164,7 +164,7 @@ class LlamaModel:
             else:
                 q = self._rope(rms_norm(qkv[:, :q_size].view(T, H, D), L.q_norm, eps), cos, sin)
                 k = self._rope(rms_norm(qkv[:, q_size : q_size + kv_size].view(T, KV, D), L.k_norm, eps), cos, sin)
-            o = self.attn.forward(q, k.contiguous(), v.contiguous(), kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            o = self.attn.forward(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
             x = x + linear(o.view(T, q_size), L.o_w, L.o_b)
             h = rms_norm(x, L.post_norm, eps)
             gu = linear(h, L.gu_w, L.gu_b)
