@@ -92,3 +92,20 @@ def test_cli_reports_bad_model_in_one_line(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert "model not found" in r.stderr
+
+
+@pytest.mark.parametrize("num_kv", [1, 8])
+def test_decode_attention_paths_match_transformers(tiny_model_factory, num_kv):
+    """Decode attention has two fp32 paths chosen by kv head count (all-pairs for few kv
+    heads, per-group matmuls for many); both must give transformers' greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_factory("llama", num_attention_heads=8, num_key_value_heads=num_kv, head_dim=8)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 42, 17]]
+    ours = _greedy(path, prompts, n=20)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for p, got in zip(prompts, ours):
+        ids = torch.tensor([p])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert got == ref[0, len(p):].tolist()

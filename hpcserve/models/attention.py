@@ -26,6 +26,11 @@ import torch
 import torch.nn.functional as F
 
 
+# Up to this many kv heads, decode attention scores every head against all kv heads and
+# masks the foreign pairs (no transpose copies; wasted work grows with the kv head count).
+ALL_PAIRS_MAX_KV_HEADS = 4
+
+
 @dataclass
 class PrefillSpan:
     tok_start: int  # rows [tok_start, tok_end) of q/k/v
@@ -42,6 +47,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] long
     decode_bias: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks*block_size]: 0 or -inf
     prefills: list[PrefillSpan] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # per-step values a backend derives once, reuses per layer
 
 
 class TorchAttention:
@@ -73,16 +79,33 @@ class TorchAttention:
             bt = meta.decode_block_tables.view(-1)
             ctx = meta.decode_block_tables.shape[1] * block_size
             group = q.shape[1] // num_kv
-            kk = k_cache.index_select(0, bt).view(nd, ctx, num_kv, head_dim).permute(0, 2, 3, 1)
-            vv = v_cache.index_select(0, bt).view(nd, ctx, num_kv, head_dim).transpose(1, 2)
-            if q.dtype == torch.float32:
-                qq = q[:nd].view(nd, num_kv, group, head_dim) * scale
-                scores = torch.matmul(qq, kk).add_(meta.decode_bias)
-                probs = torch.softmax(scores, dim=-1)
-                torch.matmul(probs, vv, out=out[:nd].view(nd, num_kv, group, head_dim))
+            if q.dtype == torch.float32 and num_kv <= ALL_PAIRS_MAX_KV_HEADS:
+                # Scores of every query head against every (position, kv head) pair of its
+                # sequence: K as gathered, [nd, ctx*KV, D], needs no transpose copy. Pairs of a
+                # head with another group's kv head are masked out by the step's bias (built
+                # once per step), so softmax and P@V come out exactly as per-group attention.
+                bias = meta.cache.get("decode_gqa_bias")
+                if bias is None:
+                    heads = q.shape[1]
+                    own = torch.arange(heads).div(group, rounding_mode="floor").unsqueeze(1) == torch.arange(num_kv)
+                    head_bias = torch.zeros(own.shape, dtype=q.dtype).masked_fill_(~own, float("-inf"))
+                    bias = (meta.decode_bias.view(nd, 1, ctx, 1) + head_bias.view(1, heads, 1, num_kv)).view(nd, heads, ctx * num_kv)
+                    meta.cache["decode_gqa_bias"] = bias
+                kk = k_cache.index_select(0, bt).view(nd, ctx * num_kv, head_dim)
+                vv = v_cache.index_select(0, bt).view(nd, ctx * num_kv, head_dim)
+                scores = torch.baddbmm(bias, q[:nd], kk.transpose(1, 2), alpha=scale)
+                torch.bmm(torch.softmax(scores, dim=-1), vv, out=out[:nd])
+            elif q.dtype == torch.float32:  # many kv heads: per-group matmuls (one transpose copy)
+                kk = k_cache.index_select(0, bt).view(nd, ctx, num_kv, head_dim).permute(0, 2, 3, 1)
+                vv = v_cache.index_select(0, bt).view(nd, ctx, num_kv, head_dim).transpose(1, 2)
+                qq = q[:nd].reshape(nd, num_kv, group, head_dim)
+                scores = torch.matmul(qq, kk).mul_(scale).add_(meta.decode_bias)
+                torch.matmul(torch.softmax(scores, dim=-1), vv, out=out[:nd].view(nd, num_kv, group, head_dim))
             else:  # half precision: SDPA keeps the reference's internal fp32 math
+                kk = k_cache.index_select(0, bt).view(nd, ctx, num_kv, head_dim).transpose(1, 2)
+                vv = v_cache.index_select(0, bt).view(nd, ctx, num_kv, head_dim).transpose(1, 2)
                 o = F.scaled_dot_product_attention(
-                    q[:nd].unsqueeze(2), kk.transpose(2, 3), vv,
+                    q[:nd].unsqueeze(2), kk, vv,
                     attn_mask=meta.decode_bias.to(q.dtype), scale=scale, enable_gqa=gqa,
                 )
                 out[:nd] = o.squeeze(2)
