@@ -40,8 +40,8 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype float32 --baseline hf --threads 2
-	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype bfloat16 --baseline hf --threads 2
+	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype float32 --baseline hf --threads 2 --repeats 3
+	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype bfloat16 --baseline hf --threads 2 --repeats 2
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -20,8 +20,9 @@ def bench() -> None:
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
 @click.option("--baseline", default=None, type=click.Choice(["hf"]), help="Also run transformers generate on the same prompts.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads for both engines (default: torch's choice).")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(1), help="Alternate the engines this many rounds; each one's best round counts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threads, as_json) -> None:
+def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threads, repeats, as_json) -> None:
     """Offline generation throughput: random prompts, fixed output length, greedy.
 
     Every prompt generates exactly --output-len tokens (EOS ignored). With
@@ -32,7 +33,7 @@ def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threa
 
     say = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
     res = run_throughput(
-        model, num_prompts, input_len, output_len, dtype, baseline, num_threads=threads, progress=say
+        model, num_prompts, input_len, output_len, dtype, baseline, num_threads=threads, repeats=repeats, progress=say
     )
     if as_json:
         click.echo(json.dumps(res))
