@@ -37,7 +37,9 @@ def test_row_strided_input_and_bad_input():
         cpu_gemm.PackedLinear(w.double())
 
 
-def test_engine_falls_back_when_the_kernel_is_off(tiny_model_factory, monkeypatch):
+def test_engine_falls_back_when_the_kernels_are_off(tiny_model_factory, monkeypatch):
+    """With neither the GEMM nor the fused ops, the engine runs the torch reference path
+    (oneDNN/F.linear, TorchAttention) and produces the same greedy tokens."""
     from hpcserve import LLM, SamplingParams
 
     path = tiny_model_factory("qwen2", tie=False)
@@ -46,6 +48,61 @@ def test_engine_falls_back_when_the_kernel_is_off(tiny_model_factory, monkeypatc
     with_kernel = [o.token_ids for o in LLM(str(path)).generate(prompts, params)]
     monkeypatch.setattr(cpu_gemm, "_lib", None)
     monkeypatch.setattr(cpu_gemm, "_why_not", "disabled for this test")
+    from hpcserve.kernels import cpu_ops as ops_module
+
+    monkeypatch.setattr(ops_module, "_setup", lambda: None)
     llm = LLM(str(path))
-    assert not isinstance(llm.engine.runner.model.layers[0].qkv, cpu_gemm.PackedLinear)
+    model = llm.engine.runner.model
+    assert not isinstance(model.layers[0].qkv, cpu_gemm.PackedLinear)
+    assert model.ops is None and model.attn.name == "torch"
     assert [o.token_ids for o in llm.generate(prompts, params)] == with_kernel
+
+
+# ---------------------------------------------------------------- fused ops
+from hpcserve.kernels import cpu_ops  # noqa: E402
+
+
+def test_add_rms_norm_matches_torch():
+    g = torch.Generator().manual_seed(1)
+    for rows, h in ((1, 8), (7, 64), (33, 576)):
+        x, d, w = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g), torch.randn(h, generator=g)
+        x2 = x.clone()
+        out = cpu_ops.add_rms_norm(x2, d, w, 1e-5)
+        torch.testing.assert_close(x2, x + d)
+        torch.testing.assert_close(out, F.rms_norm(x + d, (h,), w, 1e-5), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_ops.add_rms_norm(x.clone(), None, w, 1e-5), F.rms_norm(x, (h,), w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_in_place_matches_rotate_half():
+    g = torch.Generator().manual_seed(2)
+    d, heads, extra = 16, 3, 2
+    cos, sin = torch.randn(40, d, generator=g), torch.randn(40, d, generator=g)
+    pos = torch.tensor([0, 5, 39, 5, 12])
+    x = torch.randn(5, heads + extra, d, generator=g)
+    got = x.clone()
+    cpu_ops.rope_(got, heads, cos, sin, pos)
+    r = x[:, :heads]
+    rotated = torch.cat([r[..., d // 2 :], r[..., : d // 2]], dim=-1)
+    want = x.clone()
+    want[:, :heads] = r * cos[pos].unsqueeze(1) + rotated * sin[pos].unsqueeze(1)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[:, heads:], x[:, heads:])  # heads past `heads` untouched
+
+
+@pytest.mark.parametrize("kv_heads,group,window", [(1, 1, None), (2, 3, None), (4, 2, 5), (3, 3, 1)])
+def test_paged_decode_attention_matches_gathered_softmax(kv_heads, group, window):
+    g = torch.Generator().manual_seed(kv_heads * 10 + group)
+    d, bs, nb = 8, 4, 16
+    kc, vc = torch.randn(nb, bs, kv_heads, d, generator=g), torch.randn(nb, bs, kv_heads, d, generator=g)
+    lens = torch.tensor([1, 6, 13, 4])
+    tables = torch.tensor([[2, 0, 0, 0], [5, 9, 0, 0], [1, 3, 7, 11], [15, 0, 0, 0]])
+    q = torch.randn(4, kv_heads * group, d, generator=g)
+    got = cpu_ops.paged_decode_attention(q, kc, vc, tables, lens, 0.3, window)
+    for s in range(4):
+        n = int(lens[s])
+        lo = max(0, n - window) if window else 0
+        kk = kc[tables[s]].reshape(-1, kv_heads, d)[lo:n]
+        vv = vc[tables[s]].reshape(-1, kv_heads, d)[lo:n]
+        for h in range(kv_heads * group):
+            want = torch.softmax(kk[:, h // group] @ q[s, h] * 0.3, 0) @ vv[:, h // group]
+            torch.testing.assert_close(got[s, h], want, rtol=1e-5, atol=1e-5)

@@ -171,7 +171,9 @@ class ModelRunner:
             prefills.append(
                 PrefillSpan(row0, row0 + n, start, torch.tensor(bids[: -(-ctx // bs)], dtype=torch.long), mask)
             )
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), prefills=prefills)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long), prefills=prefills, sliding_window=window
+        )
         nd = len(decode_ctx)
         if nd:
             max_blocks = max(len(t) for t in decode_tables)
@@ -184,6 +186,7 @@ class ModelRunner:
                 mask &= kpos >= ctx_t - window
             meta.num_decode = nd
             meta.decode_block_tables = table
+            meta.decode_ctx_lens = ctx_t.view(-1)
             bias = torch.zeros(mask.shape, dtype=self.compute_dtype).masked_fill_(~mask, float("-inf"))
             meta.decode_bias = bias.view(nd, 1, 1, -1)
         return (

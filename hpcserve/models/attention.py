@@ -46,6 +46,8 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] long
     decode_bias: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks*block_size]: 0 or -inf
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decode] int64
+    sliding_window: int | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-step values a backend derives once, reuses per layer
 
@@ -132,8 +134,44 @@ class TorchAttention:
         return out
 
 
+class KernelsAttention(TorchAttention):
+    """The project's fused paged decode kernel (``hpcserve/kernels/cpu_ops.c``) for fp32 on
+    CPU: reads K/V through the block table with no gathered copy. Prefill chunks and
+    other dtypes use the torch reference."""
+
+    name = "kernels"
+
+    def __init__(self) -> None:
+        from hpcserve.kernels import cpu_ops
+
+        self.ops = cpu_ops
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        if q.dtype != torch.float32 or not meta.num_decode:
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        nd = meta.num_decode
+        prefill_only = AttentionMetadata(
+            slot_mapping=meta.slot_mapping, prefills=meta.prefills, sliding_window=meta.sliding_window
+        )
+        out = super().forward(q, k, v, k_cache, v_cache, prefill_only, scale)  # writes k/v, runs prefills
+        self.ops.paged_decode_attention(
+            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale,
+            meta.sliding_window, out=out[:nd],
+        )
+        return out
+
+
 def get_backend(name: str = "auto", device: str = "cpu") -> TorchAttention:
-    """Pick an attention backend by capability. Only ``torch`` is available today."""
+    """Pick an attention backend by capability: ``kernels`` (fused CPU decode) when the
+    project's CPU kernels load, else ``torch``. ``deepspeed`` (FastGen, CUDA) is not
+    available on CPU."""
+    if name in ("auto", "kernels") and device == "cpu":
+        from hpcserve.kernels import cpu_ops
+
+        if cpu_ops.available():
+            return KernelsAttention()
+        if name == "kernels":
+            raise ValueError("attention backend 'kernels' is not available here (CPU kernels did not load)")
     if name in ("auto", "torch"):
         return TorchAttention()
-    raise ValueError(f"attention backend {name!r} is not available here; available: torch")
+    raise ValueError(f"attention backend {name!r} is not available here; available: torch, kernels")

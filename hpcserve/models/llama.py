@@ -120,6 +120,12 @@ class LlamaModel:
             L.k_norm = take(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
             self.layers.append(L)
 
+        self.ops = None  # fused CPU ops (hpcserve/kernels/cpu_ops.c) for fp32 on CPU
+        if dtype == torch.float32:
+            from hpcserve.kernels import cpu_ops
+
+            self.ops = cpu_ops if cpu_ops.available() else None
+
         inv_freq = rope_inv_freq(cfg)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -145,6 +151,8 @@ class LlamaModel:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if self.ops is not None:
+            return self._forward_fused(input_ids, positions, kv_cache, meta)
         cfg = self.cfg
         T = input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -170,6 +178,35 @@ class LlamaModel:
             g, u = gu.chunk(2, dim=-1)
             x = x + L.down(F.silu(g, inplace=True).mul_(u))
         return rms_norm(x, self.norm, eps)
+
+    def _forward_fused(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
+        """Same math as ``forward`` with fused CPU ops: each residual add is folded into
+        the RMSNorm that follows it, and RoPE rotates q and k in place in the qkv buffer."""
+        cfg, ops = self.cfg, self.ops
+        T = input_ids.shape[0]
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        eps = cfg.rms_norm_eps
+        x = F.embedding(input_ids, self.embed)
+        h = ops.add_rms_norm(x, None, self.layers[0].in_norm, eps)
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(h)
+            heads = qkv.view(T, H + 2 * KV, D)
+            v = heads[:, H + KV :]
+            if L.q_norm is None:
+                ops.rope_(heads, H + KV, self.cos, self.sin_signed, positions)
+                q, k = heads[:, :H], heads[:, H : H + KV]
+            else:
+                cos = self.cos.index_select(0, positions).unsqueeze(1)
+                sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
+                q = self._rope(rms_norm(heads[:, :H], L.q_norm, eps), cos, sin)
+                k = self._rope(rms_norm(heads[:, H : H + KV], L.k_norm, eps), cos, sin)
+            o = self.attn.forward(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            h = ops.add_rms_norm(x, L.o(o.view(T, q_size)), L.post_norm, eps)
+            g, u = L.gate_up(h).chunk(2, dim=-1)
+            nxt = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
+            h = ops.add_rms_norm(x, L.down(F.silu(g, inplace=True).mul_(u)), nxt, eps)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
