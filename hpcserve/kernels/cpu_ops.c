@@ -73,44 +73,93 @@ static inline void axpy(float *y, float a, const float *x, int64_t d) {
     for (; j < d; j++) y[j] += a * x[j];
 }
 
-/* q: [nd, heads, d] rows ld_q apart; out: [nd, heads, d] contiguous; block_tables: [nd, max_blocks]. */
+/* exp for x <= 0 (softmax after max subtraction), 8 lanes: x = n ln2 + r, e^r by a
+ * degree-6 polynomial on |r| <= ln2/2, 2^n through the exponent bits. Rel. error ~2e-7. */
+static inline __m256 exp256_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+#define MAX_HEADS 256
+#define STACK_SCORES 8192
+
+/* q: [nd, heads, d] rows ld_q apart; out: [nd, heads, d] contiguous; block_tables: [nd, max_blocks].
+ * One work item per sequence: its blocks are read front to back, each token row (all kv
+ * heads) once for the scores and once for P@V, so the KV stream is sequential within a
+ * block; the next block is prefetched while the current one is used. */
 void hpc_paged_decode_attn(const float *q, int64_t ld_q, const float *k_cache, const float *v_cache,
                            const int64_t *block_tables, int64_t max_blocks, const int64_t *ctx_lens, int64_t nd,
                            int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, float scale,
                            int64_t window, float *out) {
     int64_t group = heads / kv_heads;
     int64_t row = kv_heads * d; /* floats per token in a block */
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t s = 0; s < nd; s++) {
-        for (int64_t kh = 0; kh < kv_heads; kh++) {
-            int64_t ctx = ctx_lens[s];
-            int64_t start = (window > 0 && ctx > window) ? ctx - window : 0;
-            int64_t n = ctx - start;
-            const int64_t *bt = block_tables + s * max_blocks;
-            float *scores = (float *)malloc(sizeof(float) * (size_t)(n * group));
-            for (int64_t g = 0; g < group; g++) {
-                const float *qh = q + s * ld_q + (kh * group + g) * d;
-                float *sc = scores + g * n, mx = -INFINITY;
-                for (int64_t p = start; p < ctx; p++) {
-                    const float *kp = k_cache + (bt[p / block_size] * block_size + p % block_size) * row + kh * d;
-                    float v = dot(qh, kp, d) * scale;
-                    sc[p - start] = v;
-                    if (v > mx) mx = v;
-                }
-                float sum = 0.f;
-                for (int64_t i = 0; i < n; i++) {
-                    sc[i] = expf(sc[i] - mx);
-                    sum += sc[i];
-                }
-                float inv = 1.f / sum;
-                float *o = out + (s * heads + kh * group + g) * d;
-                for (int64_t j = 0; j < d; j++) o[j] = 0.f;
-                for (int64_t p = start; p < ctx; p++) {
-                    const float *vp = v_cache + (bt[p / block_size] * block_size + p % block_size) * row + kh * d;
-                    axpy(o, sc[p - start] * inv, vp, d);
-                }
+        int64_t ctx = ctx_lens[s];
+        int64_t start = (window > 0 && ctx > window) ? ctx - window : 0;
+        int64_t n = ctx - start;
+        const int64_t *bt = block_tables + s * max_blocks;
+        float stack_buf[STACK_SCORES];
+        float *scores = n * heads <= STACK_SCORES ? stack_buf : (float *)malloc(sizeof(float) * (size_t)(n * heads));
+        const float *qs = q + s * ld_q;
+        float *os = out + s * heads * d;
+        float mx[MAX_HEADS], inv[MAX_HEADS];
+        for (int64_t h = 0; h < heads; h++) mx[h] = -INFINITY;
+        for (int64_t p = start; p < ctx;) {
+            int64_t b = p / block_size, off = p % block_size;
+            int64_t stop = (b + 1) * block_size < ctx ? (b + 1) * block_size : ctx;
+            if ((b + 1) * block_size < ctx) {
+                const char *nb = (const char *)(k_cache + bt[b + 1] * block_size * row);
+                for (int64_t c = 0; c < block_size * row * 4; c += 64) _mm_prefetch(nb + c, _MM_HINT_T0);
             }
-            free(scores);
+            const float *kp = k_cache + (bt[b] * block_size + off) * row;
+            for (; p < stop; p++, kp += row)
+                for (int64_t h = 0; h < heads; h++) {
+                    float v = dot(qs + h * d, kp + (h / group) * d, d) * scale;
+                    scores[h * n + (p - start)] = v;
+                    if (v > mx[h]) mx[h] = v;
+                }
         }
+        for (int64_t h = 0; h < heads; h++) {
+            float *sc = scores + h * n;
+            __m256 m8 = _mm256_set1_ps(mx[h]), acc = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                __m256 e = exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + i), m8));
+                _mm256_storeu_ps(sc + i, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            float sum = hsum(acc);
+            for (; i < n; i++) {
+                sc[i] = expf(sc[i] - mx[h]);
+                sum += sc[i];
+            }
+            inv[h] = 1.f / sum;
+        }
+        for (int64_t j = 0; j < heads * d; j++) os[j] = 0.f;
+        for (int64_t p = start; p < ctx;) {
+            int64_t b = p / block_size, off = p % block_size;
+            int64_t stop = (b + 1) * block_size < ctx ? (b + 1) * block_size : ctx;
+            if ((b + 1) * block_size < ctx) {
+                const char *nb = (const char *)(v_cache + bt[b + 1] * block_size * row);
+                for (int64_t c = 0; c < block_size * row * 4; c += 64) _mm_prefetch(nb + c, _MM_HINT_T0);
+            }
+            const float *vp = v_cache + (bt[b] * block_size + off) * row;
+            for (; p < stop; p++, vp += row)
+                for (int64_t h = 0; h < heads; h++)
+                    axpy(os + h * d, scores[h * n + (p - start)] * inv[h], vp + (h / group) * d, d);
+        }
+        if (scores != stack_buf) free(scores);
     }
 }

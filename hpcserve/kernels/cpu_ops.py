@@ -20,6 +20,7 @@ import torch
 from hpcserve.kernels import build
 
 _lib: ctypes.CDLL | None = None
+MAX_HEADS = 256  # query heads the C kernel handles (MAX_HEADS in cpu_ops.c)
 
 
 def _setup() -> ctypes.CDLL | None:
@@ -92,6 +93,8 @@ def paged_decode_attention(
     num_blocks, block_size, kv_heads, d2 = k_cache.shape
     if d2 != d or heads % kv_heads or q.stride(2) != 1 or q.stride(1) != d:
         raise ValueError("paged_decode_attention: shape/stride mismatch")
+    if heads > MAX_HEADS:
+        raise ValueError(f"paged_decode_attention: at most {MAX_HEADS} query heads")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("paged_decode_attention: caches must be contiguous")
     bt = block_tables.contiguous()

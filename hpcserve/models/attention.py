@@ -147,7 +147,7 @@ class KernelsAttention(TorchAttention):
         self.ops = cpu_ops
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
-        if q.dtype != torch.float32 or not meta.num_decode:
+        if q.dtype != torch.float32 or not meta.num_decode or q.shape[1] > self.ops.MAX_HEADS:
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
         nd = meta.num_decode
         prefill_only = AttentionMetadata(
