@@ -46,7 +46,7 @@ results accumulate in OUT.jsonl.partial.
 @click.option("-o", "--output", "output_path", required=True, metavar="OUT.jsonl",
               type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Where to write results (replaced atomically at the end).")
-@click.option("--model", required=True, metavar="PATH|demo",
+@click.option("--model", default="demo", show_default=True, metavar="PATH|demo",
               help="Hugging Face model directory, GGUF file, or 'demo' for the embedded model.")
 @click.option("--errors", "errors_path", metavar="ERR.jsonl", default=None,
               type=click.Path(dir_okay=False, writable=True, path_type=Path),
