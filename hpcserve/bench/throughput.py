@@ -12,7 +12,7 @@ Returned dict (what ``--json`` prints)::
     {"hpcserve": {"tokens_per_s", "elapsed_s", "compute_dtype", ...},
      "baseline": {"name": "hf", "tokens_per_s", "elapsed_s"} | None,
      "ratio": hpcserve / baseline | None,
-     "greedy_match": fraction of prompts whose tokens equal the baseline's (up to EOS) | None,
+     "greedy_match": fraction of prompts whose tokens equal the baseline's (before EOS) | None,
      "config": {...}}
 """
 
@@ -145,12 +145,13 @@ def run_throughput(
         hf_tps = n_tokens / min(hf_s)
         result["baseline"] = {"name": "hf", "tokens_per_s": hf_tps, "elapsed_s": min(hf_s), "runs_s": hf_s, "dtype": dtype}
         result["ratio"] = result["hpcserve"]["tokens_per_s"] / hf_tps
-        # generate's min_new_tokens masks EOS while ignore_eos does not, so compare up to our first EOS
+        # generate's min_new_tokens masks EOS (it then picks the runner-up) while ignore_eos
+        # keeps the argmax, so compare the tokens before our first EOS
         eos = set(engine.eos_token_ids)
 
-        def upto_eos(t: list[int]) -> list[int]:
-            return next((t[: i + 1] for i, x in enumerate(t) if x in eos), t)
+        def before_eos(t: list[int]) -> list[int]:
+            return next((t[:i] for i, x in enumerate(t) if x in eos), t)
 
-        matches = sum(upto_eos(a) == b[: len(upto_eos(a))] for a, b in zip(ours, theirs))
+        matches = sum(before_eos(a) == b[: len(before_eos(a))] for a, b in zip(ours, theirs))
         result["greedy_match"] = matches / max(1, num_prompts)
     return result
