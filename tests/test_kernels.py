@@ -106,3 +106,13 @@ def test_paged_decode_attention_matches_gathered_softmax(kv_heads, group, window
         for h in range(kv_heads * group):
             want = torch.softmax(kk[:, h // group] @ q[s, h] * 0.3, 0) @ vv[:, h // group]
             torch.testing.assert_close(got[s, h], want, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_matches_torch():
+    g = torch.Generator().manual_seed(3)
+    for rows, inter in ((1, 5), (9, 64), (33, 1536)):
+        gu = torch.randn(rows, 2 * inter, generator=g) * 6  # wide range: exp clamps must not matter
+        gate, up = gu.chunk(2, dim=-1)
+        torch.testing.assert_close(cpu_ops.silu_mul(gu), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    big = torch.tensor([[-200.0, 200.0, 0.0, 1.0]])  # gate [-200, 200], up [0, 1]
+    torch.testing.assert_close(cpu_ops.silu_mul(big), torch.tensor([[0.0, 200.0]]))

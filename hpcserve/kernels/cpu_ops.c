@@ -57,6 +57,25 @@ void hpc_rope(float *x, int64_t rows, int64_t ld, int64_t heads, int64_t d, cons
     }
 }
 
+static inline __m256 exp256(__m256 x);
+
+/* out[r, j] = silu(gu[r, j]) * gu[r, inter + j]; rows of gu are ld apart. */
+void hpc_silu_mul(const float *gu, int64_t rows, int64_t inter, int64_t ld, float *out) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * ld, *u = g + inter;
+        float *o = out + r * inter;
+        int64_t j = 0;
+        for (; j + 8 <= inter; j += 8) {
+            __m256 gv = _mm256_loadu_ps(g + j);
+            __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + j)));
+        }
+        for (; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
 static inline float dot(const float *a, const float *b, int64_t d) {
     __m256 acc = _mm256_setzero_ps();
     int64_t j = 0;
@@ -73,10 +92,10 @@ static inline void axpy(float *y, float a, const float *x, int64_t d) {
     for (; j < d; j++) y[j] += a * x[j];
 }
 
-/* exp for x <= 0 (softmax after max subtraction), 8 lanes: x = n ln2 + r, e^r by a
- * degree-6 polynomial on |r| <= ln2/2, 2^n through the exponent bits. Rel. error ~2e-7. */
-static inline __m256 exp256_neg(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+/* exp, 8 lanes, x clamped to [-87, 88]: x = n ln2 + r, e^r by a degree-6 polynomial
+ * on |r| <= ln2/2, 2^n through the exponent bits. Rel. error ~2e-7. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -136,7 +155,7 @@ void hpc_paged_decode_attn(const float *q, int64_t ld_q, const float *k_cache, c
             __m256 m8 = _mm256_set1_ps(mx[h]), acc = _mm256_setzero_ps();
             int64_t i = 0;
             for (; i + 8 <= n; i += 8) {
-                __m256 e = exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + i), m8));
+                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + i), m8));
                 _mm256_storeu_ps(sc + i, e);
                 acc = _mm256_add_ps(acc, e);
             }

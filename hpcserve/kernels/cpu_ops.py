@@ -5,6 +5,7 @@ Interface (each has a torch reference it is tested against in tests/test_kernels
   then RMSNorm of ``x``;
 - ``rope_(x, heads, cos, sin_signed, positions)``: rotate the first ``heads`` heads of
   every row of ``x`` [T, *, D] in place;
+- ``silu_mul(gate_up) -> silu(gate) * up``;
 - ``paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale, window) -> out``.
 
 ``ops()`` returns this module's functions when the library loads (see ``build``),
@@ -32,8 +33,9 @@ def _setup() -> ctypes.CDLL | None:
         i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
         lib.hpc_add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32]
         lib.hpc_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
+        lib.hpc_silu_mul.argtypes = [ptr, i64, i64, i64, ptr]
         lib.hpc_paged_decode_attn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, ptr]
-        for f in (lib.hpc_add_rms_norm, lib.hpc_rope, lib.hpc_paged_decode_attn):
+        for f in (lib.hpc_add_rms_norm, lib.hpc_rope, lib.hpc_silu_mul, lib.hpc_paged_decode_attn):
             f.restype = None
         _lib = lib
     return _lib
@@ -64,6 +66,17 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         x.data_ptr(), None if delta is None else delta.data_ptr(), weight.contiguous().data_ptr(),
         out.data_ptr(), rows, h, ld, eps,
     )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up`` = [rows, 2 * inter] (gate first)."""
+    _check(gate_up, "gate_up")
+    rows, two_inter = gate_up.shape
+    if two_inter % 2 or gate_up.stride(1) != 1:
+        raise ValueError("silu_mul: expected [rows, 2*inter] with contiguous rows")
+    out = torch.empty((rows, two_inter // 2), dtype=torch.float32)
+    _lib.hpc_silu_mul(gate_up.data_ptr(), rows, two_inter // 2, gate_up.stride(0), out.data_ptr())
     return out
 
 

@@ -203,9 +203,8 @@ class LlamaModel:
                 k = self._rope(rms_norm(heads[:, H : H + KV], L.k_norm, eps), cos, sin)
             o = self.attn.forward(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
             h = ops.add_rms_norm(x, L.o(o.view(T, q_size)), L.post_norm, eps)
-            g, u = L.gate_up(h).chunk(2, dim=-1)
             nxt = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
-            h = ops.add_rms_norm(x, L.down(F.silu(g, inplace=True).mul_(u)), nxt, eps)
+            h = ops.add_rms_norm(x, L.down(ops.silu_mul(L.gate_up(h))), nxt, eps)
         return h
 
     @torch.inference_mode()
