@@ -12,10 +12,11 @@ Token layout of a step (built by the model runner): the first ``num_decode``
 tokens are single-token sequences (decodes, or one-token chunks); after them come
 the multi-token chunks, each a contiguous run described by a ``PrefillSpan``.
 
-Backends: ``TorchAttention`` (the reference; CPU and CUDA) is the only one that
-exists today. CUDA-only kernels (DeepSpeed FastGen blocked flash, the project's
-own ``kernels/``) plug in here, are chosen by capability, and are checked
-against this one.
+Backends, chosen by ``get_backend`` on capability and checked against the reference:
+- ``torch`` (``TorchAttention``): the reference, CPU and CUDA;
+- ``kernels`` (``KernelsAttention``): the project's fused CPU decode kernel
+  (``hpcserve/kernels/cpu_ops.c``), fp32, reading K/V through the block table;
+- ``deepspeed`` (FastGen blocked flash, CUDA only) plugs in here the same way.
 """
 
 from __future__ import annotations
