@@ -185,8 +185,10 @@ class LlamaModel:
         cfg, ops = self.cfg, self.ops
         T = input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = cfg.q_size, cfg.kv_size
-        eps = cfg.rms_norm_eps
+        q_size, eps = cfg.q_size, cfg.rms_norm_eps
+        if cfg.qk_norm:  # q/k are normed before RoPE: rotate the normed copies with torch
+            cos = self.cos.index_select(0, positions).unsqueeze(1)
+            sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         x = F.embedding(input_ids, self.embed)
         h = ops.add_rms_norm(x, None, self.layers[0].in_norm, eps)
         for i, L in enumerate(self.layers):
@@ -197,8 +199,6 @@ class LlamaModel:
                 ops.rope_(heads, H + KV, self.cos, self.sin_signed, positions)
                 q, k = heads[:, :H], heads[:, H : H + KV]
             else:
-                cos = self.cos.index_select(0, positions).unsqueeze(1)
-                sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
                 q = self._rope(rms_norm(heads[:, :H], L.q_norm, eps), cos, sin)
                 k = self._rope(rms_norm(heads[:, H : H + KV], L.k_norm, eps), cos, sin)
             o = self.attn.forward(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
