@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | md5sum | cut -
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench proto clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test: install
 bench: install
 	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype float32 --baseline hf --threads 2 --repeats 3
 	$(BIN)/hpcserve bench throughput --model demo --num-prompts 32 --input-len 32 --output-len 64 --dtype bfloat16 --baseline hf --threads 2 --repeats 2
+
+# Regenerate the gRPC code from proto/ (tests/test_proto.py fails when it is stale).
+proto: install
+	PYTHON=$(BIN)/python scripts/gen_proto.sh
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
