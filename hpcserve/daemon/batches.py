@@ -1,0 +1,480 @@
+"""Durable batch store for the daemon: OpenAI-shaped Batch objects in SQLite. No torch.
+
+Interface: ``BatchStore(state_dir)`` (``state_dir/batches.sqlite``, WAL, synchronous=FULL)
+with ``create_batch``, ``get_batch``, ``list_batches``, ``results`` (output lines then error
+lines, in line order, from the DB), ``cancel_batch``, ``check_expired``; for the daemon's
+scheduler ``claim_lines``, ``record_result``, ``requeue``, ``requeue_all_running``, and
+``recover()`` once at start. Unknown ids raise ``BatchNotFound``. ONE process per state dir.
+
+Lifecycle. ``create_batch`` commits the batch as ``validating``, then in ONE transaction
+stores every non-blank line and moves it to ``in_progress``: valid lines ``pending`` (raw
+text, re-parsed by ``ClaimedLine.parse()``), bad ones (``LineParser``, or a url other than
+the batch's ``endpoint``) ``done`` with their error line, counted ``failed``. Empty file:
+``failed`` (``empty_file``); every line bad: ``failed``, errors.jsonl still written. Lines
+go ``pending -> running`` (``claim_lines``: in_progress batches only, earliest ``expires_at``
+first) ``-> done`` (``record_result``); ``requeue`` puts a running line back. Last line done:
+``finalizing -> completed``. ``cancel_batch``: ``cancelling`` (no more claims; running lines
+may still report) ``-> cancelled`` once none is running; ``check_expired``: ``finalizing ->
+expired`` the same way. The terminal status is committed only after
+``state_dir/batches/<id>/{output,errors}.jsonl`` are written from the DB in line order to
+``*.tmp``, fsynced, renamed into place and the directory fsynced. ``output_file`` /
+``error_file``: those paths, None when empty. ``total`` counts non-blank input lines; a
+cancelled/expired batch has ``completed + failed < total`` (unrun lines are in no file).
+
+Exactly once. Each input line is one row keyed (batch_id, line_no). ``record_result`` turns
+it done and bumps the counts in ONE transaction: the first result wins (a repeat returns
+False) and the counts always equal the done rows. A crash leaves a line pending, running
+(``recover`` makes it pending) or done: never lost. The files are never appended to; they
+are a deterministic function of the done rows (one line each), written only when no row of
+the batch can change any more (all done, or closing with nothing running: claims stop and
+results for lines not running are refused), and ``recover`` rewrites them whole if the kill
+came before the terminal status was committed. So after any kill, reopen + ``recover()``
+gives the same files, each line exactly once across output + errors (and so each custom_id,
+except that a repeated custom_id in the input yields a ``duplicate_custom_id`` error line).
+
+Concurrency: one connection behind a lock (threads may share a store); writes use ``BEGIN
+IMMEDIATE``; finalization runs inline in the call that closes a batch. Only one process may
+use a state dir at a time (``recover`` requeues ITS running lines); the dir needs a filesystem
+where SQLite WAL works (local disk, or one host's view). ``HPCSERVE_TEST_FINALIZE_PAUSE="tmp:SECS"`` or
+``"renamed:SECS"`` (tests only) announces ``finalize window <phase>`` on stderr and sleeps
+after the temp files are written / after they are renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcserve.batch.openai_format import BatchItem, BatchLineError, LineParser, build_error_line, parse_line
+from hpcserve.daemon.state_dir import fsync_dir, lock_state_dir, test_pause
+from hpcserve.errors import HpcserveError, RequestError
+
+SCHEMA_VERSION = 1
+STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "cancelling",
+            "cancelled", "expired")
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+_TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
+               "cancelling_at", "cancelled_at", "expires_at", "expired_at")
+_WINDOW_RE = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_BATCH_ERRORS = 10  # line errors copied into batch.errors when the whole file fails
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,
+    endpoint TEXT, status TEXT NOT NULL, target TEXT, completion_window TEXT NOT NULL,
+    metadata TEXT, errors TEXT,
+    total INTEGER NOT NULL DEFAULT 0, completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL, in_progress_at INTEGER, finalizing_at INTEGER,
+    completed_at INTEGER, failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
+    expires_at INTEGER NOT NULL, expired_at INTEGER, output_file TEXT, error_file TEXT);
+CREATE INDEX IF NOT EXISTS batches_status ON batches(status, expires_at, seq);
+CREATE TABLE IF NOT EXISTS lines (
+    batch_id TEXT NOT NULL, line_no INTEGER NOT NULL, custom_id TEXT, raw TEXT,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done')),
+    attempts INTEGER NOT NULL DEFAULT 0, is_error INTEGER, result TEXT,
+    PRIMARY KEY (batch_id, line_no)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lines_state ON lines(state, batch_id, line_no);
+CREATE INDEX IF NOT EXISTS lines_done ON lines(batch_id, is_error, line_no);
+"""
+
+
+class BatchNotFound(HpcserveError):
+    """No batch with this id in the store."""
+
+    def __init__(self, batch_id: str):
+        super().__init__(f"batch not found: {batch_id!r}")
+        self.batch_id = batch_id
+
+
+@dataclass(frozen=True)
+class ClaimedLine:
+    """A line handed to the daemon to run; report it with ``record_result`` or ``requeue``."""
+
+    batch_id: str
+    line_no: int
+    custom_id: str
+    raw: str
+    attempts: int  # times claimed, this claim included
+    tenant: str
+
+    def parse(self) -> BatchItem:
+        """The validated request (the line passed validation when the batch was created)."""
+        return parse_line(self.raw, self.line_no)
+
+
+def parse_completion_window(window: str) -> int:
+    """``"24h"`` -> seconds; also ``s``/``m``/``d`` units."""
+    m = _WINDOW_RE.match(window) if isinstance(window, str) else None
+    if m is None:
+        raise RequestError(f"completion_window: must look like \"24h\" (number + s/m/h/d), "
+                           f"got {window!r}", field="completion_window")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+class BatchStore:
+    """See the module docstring."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.state_dir = Path(state_dir)
+        try:
+            (self.state_dir / "batches").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HpcserveError(f"cannot create state directory {self.state_dir}: {exc}") from None
+        self.db_path = self.state_dir / "batches.sqlite"
+        self._dir_lock = lock_state_dir(self.state_dir / "lock")
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise HpcserveError(f"{self.db_path}: SQLite WAL mode unavailable (got {mode!r}); "
+                                "put the state directory on a local filesystem")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._tx() as db:
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(stmt)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        if int(found) != SCHEMA_VERSION:
+            raise HpcserveError(f"{self.db_path} has schema version {found}, this hpcserve "
+                                f"expects {SCHEMA_VERSION}; use a matching hpcserve or a new state dir")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self._dir_lock.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _row(self, batch_id: str) -> sqlite3.Row:
+        row = self._db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
+        if row is None:
+            raise BatchNotFound(batch_id)
+        return row
+
+    # ------------------------------------------------------------------ batches
+
+    def create_batch(self, jsonl: bytes | str | os.PathLike, completion_window: str = "24h",
+                     metadata: dict | None = None, tenant: str = "default",
+                     endpoint: str | None = None) -> dict:
+        """Validate and store a batch input file (bytes, or a path); return the batch object."""
+        window_s = parse_completion_window(completion_window)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise RequestError("metadata: must be an object of string keys and values", field="metadata")
+        if isinstance(jsonl, (bytes, bytearray)):
+            f = io.BytesIO(bytes(jsonl))
+        else:
+            try:
+                f = open(jsonl, "rb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise HpcserveError(f"cannot read batch input {jsonl}: {exc}") from None
+        batch_id = "batch_" + os.urandom(16).hex()
+        now = int(time.time())
+        with self._lock, f:
+            with self._tx() as db:
+                db.execute("INSERT INTO batches (id, tenant, endpoint, status, completion_window, "
+                           "metadata, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                           (batch_id, tenant, endpoint, "validating", completion_window,
+                            json.dumps(metadata) if metadata is not None else None, now,
+                            now + window_s))
+            try:
+                self._validate(batch_id, f, endpoint, now)
+            except BaseException:  # e.g. a read error: the caller gets no batch, drop it
+                with self._tx() as db:
+                    db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+                raise
+            self._maybe_close(batch_id)
+            return self.get_batch(batch_id)
+
+    def _validate(self, batch_id: str, f: io.BufferedIOBase, endpoint: str | None, now: int) -> None:
+        with self._tx() as db:
+            total, bad, endpoint, first_errors = self._store_lines(db, batch_id, f, endpoint)
+            if total == 0:
+                errors = [{"code": "empty_file", "message": "the input file has no requests "
+                           "(no non-blank lines)", "param": None, "line": None}]
+                status, stamp = "failed", "failed_at"
+            elif bad == total:
+                errors, status, stamp = first_errors, "finalizing", "finalizing_at"
+            else:
+                errors, status, stamp = None, "in_progress", "in_progress_at"
+            db.execute(f"UPDATE batches SET status=?, target=?, endpoint=?, total=?, failed=?, "
+                       f"errors=?, {stamp}=? WHERE id=?",
+                       (status, "failed" if status == "finalizing" else None, endpoint, total,
+                        bad, json.dumps({"object": "list", "data": errors}) if errors else None,
+                        now, batch_id))
+
+    def _store_lines(self, db: sqlite3.Connection, batch_id: str, f: io.BufferedIOBase,
+                     endpoint: str | None) -> tuple[int, int, str | None, list[dict]]:
+        parser = LineParser()
+        total = bad = 0
+        first_errors: list[dict] = []
+        rows: list[tuple] = []
+
+        def flush() -> None:
+            db.executemany("INSERT INTO lines (batch_id, line_no, custom_id, raw, state, is_error, "
+                           "result) VALUES (?,?,?,?,?,?,?)", rows)
+            rows.clear()
+
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is not None and not text.strip():
+                continue
+            total += 1
+            try:
+                if text is None:
+                    raise BatchLineError(line_no, None, "invalid_json", "line is not valid UTF-8")
+                item = parser.parse(text, line_no)
+                endpoint = endpoint or item.url
+                if item.url != endpoint:
+                    raise BatchLineError(line_no, item.custom_id, "invalid_url",
+                                         f"url: this batch's endpoint is {endpoint}; got {item.url!r}")
+                rows.append((batch_id, line_no, item.custom_id, text.rstrip("\r\n"), "pending",
+                             None, None))
+            except BatchLineError as exc:
+                bad += 1
+                if len(first_errors) < _MAX_BATCH_ERRORS:
+                    first_errors.append({"code": exc.code, "message": exc.message, "param": None,
+                                         "line": line_no})
+                line = build_error_line(exc.custom_id, line_no, exc.code, exc.message)
+                rows.append((batch_id, line_no, exc.custom_id, None, "done", 1,
+                             json.dumps(line, ensure_ascii=False)))
+            if len(rows) >= 1000:
+                flush()
+        flush()
+        return total, bad, endpoint, first_errors
+
+    def get_batch(self, batch_id: str) -> dict:
+        with self._lock:
+            return self._to_dict(self._row(batch_id))
+
+    def list_batches(self, limit: int = 20, after: str | None = None,
+                     tenant: str | None = None) -> list[dict]:
+        """Newest first; ``after`` is the id of the last batch of the previous page."""
+        sql, args = "SELECT * FROM batches WHERE 1=1", []
+        with self._lock:
+            if after is not None:
+                sql += " AND seq < ?"
+                args.append(self._row(after)["seq"])
+            if tenant is not None:
+                sql += " AND tenant = ?"
+                args.append(tenant)
+            rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, int(limit))).fetchall()
+            return [self._to_dict(r) for r in rows]
+
+    def _to_dict(self, r: sqlite3.Row) -> dict:
+        d = {k: r[k] for k in ("id", "endpoint", "errors", "completion_window", "status", "output_file",
+                               "error_file", *_TIMESTAMPS, "metadata", "tenant")}
+        d.update(object="batch", errors=json.loads(r["errors"] or "null"),
+                 metadata=json.loads(r["metadata"] or "null"),
+                 request_counts={"total": r["total"], "completed": r["completed"], "failed": r["failed"]})
+        return d
+
+    def results(self, batch_id: str) -> Iterator[dict]:
+        """Output lines then error lines stored so far, each in line order (from the DB)."""
+        with self._lock:
+            self._row(batch_id)
+        return self._iter_results(batch_id)
+
+    def _iter_results(self, batch_id: str, page: int = 500) -> Iterator[dict]:
+        for is_error in (0, 1):
+            yield from (json.loads(s) for s in self._iter_result_text(batch_id, is_error, page))
+
+    def _iter_result_text(self, batch_id: str, is_error: int, page: int = 500) -> Iterator[str]:
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT line_no, result FROM lines WHERE batch_id=? AND is_error=? AND line_no>? "
+                    "AND state='done' ORDER BY line_no LIMIT ?", (batch_id, is_error, last, page)).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield r["result"]
+            last = rows[-1]["line_no"]
+
+    # ------------------------------------------------------------------ scheduling
+
+    def claim_lines(self, limit: int, batch_id: str | None = None) -> list[ClaimedLine]:
+        """Mark up to ``limit`` pending lines of in-progress batches running and return them,
+        earliest ``expires_at`` first, then older batches, then line order."""
+        out: list[ClaimedLine] = []
+        with self._tx() as db:
+            if batch_id is not None:
+                self._row(batch_id)
+                batches = db.execute("SELECT id, tenant FROM batches WHERE id=? AND status='in_progress'",
+                                     (batch_id,)).fetchall()
+            else:
+                batches = db.execute("SELECT id, tenant FROM batches WHERE status='in_progress' "
+                                     "ORDER BY expires_at, seq").fetchall()
+            for b in batches:
+                if len(out) >= limit:
+                    break
+                rows = db.execute("SELECT line_no, custom_id, raw, attempts FROM lines WHERE "
+                                  "state='pending' AND batch_id=? ORDER BY line_no LIMIT ?",
+                                  (b["id"], limit - len(out))).fetchall()
+                db.executemany("UPDATE lines SET state='running', attempts=attempts+1 "
+                               "WHERE batch_id=? AND line_no=?", [(b["id"], r["line_no"]) for r in rows])
+                out += [ClaimedLine(b["id"], r["line_no"], r["custom_id"], r["raw"],
+                                    r["attempts"] + 1, b["tenant"]) for r in rows]
+        return out
+
+    def record_result(self, batch_id: str, line_no: int, line_dict: dict, is_error: bool) -> bool:
+        """Store the result line of one input line. The first result wins: returns False (and
+        changes nothing) if the line already has one, or if it is not running and its batch
+        no longer takes results (cancelling, expiring, finished)."""
+        text = json.dumps(line_dict, ensure_ascii=False)
+        with self._tx() as db:
+            row = db.execute("SELECT l.state, l.custom_id, b.status FROM lines l JOIN batches b "
+                             "ON b.id = l.batch_id WHERE l.batch_id=? AND l.line_no=?",
+                             (batch_id, line_no)).fetchone()
+            if row is None:
+                self._row(batch_id)
+                raise HpcserveError(f"batch {batch_id!r} has no request on line {line_no}")
+            if row["state"] == "done" or (row["state"] != "running" and row["status"] != "in_progress"):
+                return False
+            cid = line_dict.get("custom_id", row["custom_id"]) if isinstance(line_dict, dict) else None
+            if cid != row["custom_id"]:
+                raise HpcserveError(f"result for batch {batch_id!r} line {line_no} has custom_id "
+                                    f"{cid!r}, the line's is {row['custom_id']!r}")
+            db.execute("UPDATE lines SET state='done', is_error=?, result=? WHERE batch_id=? AND "
+                       "line_no=?", (int(bool(is_error)), text, batch_id, line_no))
+            db.execute("UPDATE batches SET completed=completed+?, failed=failed+? WHERE id=?",
+                       (0 if is_error else 1, 1 if is_error else 0, batch_id))
+        self._maybe_close(batch_id)
+        return True
+
+    def requeue(self, batch_id: str, line_no: int) -> bool:
+        """A running line goes back to pending (preempted, worker died). False if not running."""
+        with self._tx() as db:
+            self._row(batch_id)
+            n = db.execute("UPDATE lines SET state='pending' WHERE batch_id=? AND line_no=? AND "
+                           "state='running'", (batch_id, line_no)).rowcount
+        self._maybe_close(batch_id)
+        return n == 1
+
+    def requeue_all_running(self) -> int:
+        """Every running line goes back to pending (daemon start). Returns how many."""
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT DISTINCT batch_id FROM lines WHERE state='running'")]
+            n = db.execute("UPDATE lines SET state='pending' WHERE state='running'").rowcount
+        for batch_id in ids:
+            self._maybe_close(batch_id)
+        return n
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        """Stop claiming the batch's lines; it becomes ``cancelled`` (files written with the
+        results so far) once none is running. No-op for a finalizing or finished batch."""
+        with self._tx() as db:
+            if self._row(batch_id)["status"] == "in_progress":
+                db.execute("UPDATE batches SET status='cancelling', target='cancelled', "
+                           "cancelling_at=? WHERE id=?", (int(time.time()), batch_id))
+        self._maybe_close(batch_id)
+        return self.get_batch(batch_id)
+
+    def check_expired(self, now: float | None = None) -> list[str]:
+        """In-progress batches past ``expires_at`` stop being claimed and become ``expired``
+        (via ``finalizing``) once none of their lines is running. Returns their ids."""
+        now = int(time.time() if now is None else now)
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM batches WHERE status='in_progress' "
+                                            "AND expires_at <= ?", (now,))]
+            db.executemany("UPDATE batches SET status='finalizing', target='expired', "
+                           "finalizing_at=?, expired_at=? WHERE id=?", [(now, now, i) for i in ids])
+        for batch_id in ids:
+            self._maybe_close(batch_id)
+        return ids
+
+    def recover(self) -> None:
+        """After a restart: fail batches whose validation was interrupted, requeue running
+        lines, and finish every batch that can be finished (rewriting files if needed)."""
+        now = int(time.time())
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM batches WHERE status='validating'")]
+            for batch_id in ids:
+                db.execute("DELETE FROM lines WHERE batch_id=?", (batch_id,))
+                err = {"object": "list", "data": [{"code": "validation_interrupted", "message":
+                       "the server restarted while validating this batch; submit it again",
+                       "param": None, "line": None}]}
+                db.execute("UPDATE batches SET status='failed', failed_at=?, errors=?, total=0, "
+                           "completed=0, failed=0 WHERE id=?", (now, json.dumps(err), batch_id))
+        self.requeue_all_running()
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                "SELECT id FROM batches WHERE status IN ('in_progress', 'finalizing', 'cancelling') "
+                "ORDER BY seq")]
+        for batch_id in ids:
+            self._maybe_close(batch_id)
+
+    # ------------------------------------------------------------------ finalization
+
+    def _maybe_close(self, batch_id: str) -> None:
+        """Move a batch on if it can: in_progress with every line done -> finalizing;
+        finalizing/cancelling with no running line -> files written -> terminal status."""
+        with self._lock:
+            with self._tx() as db:
+                row = self._row(batch_id)
+                status = row["status"]
+                if status == "in_progress" and row["completed"] + row["failed"] >= row["total"]:
+                    db.execute("UPDATE batches SET status='finalizing', target='completed', "
+                               "finalizing_at=? WHERE id=?", (int(time.time()), batch_id))
+                    status = "finalizing"
+                if status not in ("finalizing", "cancelling") or db.execute(
+                        "SELECT 1 FROM lines WHERE state='running' AND batch_id=? LIMIT 1",
+                        (batch_id,)).fetchone():
+                    return
+            self._finalize(batch_id, status)
+
+    def _finalize(self, batch_id: str, status: str) -> None:
+        """Write both files from the DB (tmp, fsync, rename, fsync dir), then commit the
+        terminal status. Called with the lock held and no line of the batch running."""
+        out_dir = self.state_dir / "batches" / batch_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths, counts = {}, {}
+        for is_error, name in ((0, "output.jsonl"), (1, "errors.jsonl")):
+            path = out_dir / name
+            n = 0
+            with open(path.with_name(name + ".tmp"), "w", encoding="utf-8") as f:
+                for text in self._iter_result_text(batch_id, is_error):
+                    f.write(text + "\n")
+                    n += 1
+                f.flush()
+                os.fsync(f.fileno())
+            paths[is_error], counts[is_error] = path, n
+        test_pause("tmp")
+        for path in paths.values():
+            os.replace(path.with_name(path.name + ".tmp"), path)
+        fsync_dir(out_dir)
+        test_pause("renamed")
+        with self._tx() as db:
+            target = self._row(batch_id)["target"] or "completed"
+            db.execute(f"UPDATE batches SET status=?, {target}_at=COALESCE({target}_at, ?), "
+                       "output_file=?, error_file=? WHERE id=? AND status=?",
+                       (target, int(time.time()), str(paths[0]) if counts[0] else None,
+                        str(paths[1]) if counts[1] else None, batch_id, status))
