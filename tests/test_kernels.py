@@ -116,3 +116,14 @@ def test_silu_mul_matches_torch():
         torch.testing.assert_close(cpu_ops.silu_mul(gu), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
     big = torch.tensor([[-200.0, 200.0, 0.0, 1.0]])  # gate [-200, 200], up [0, 1]
     torch.testing.assert_close(cpu_ops.silu_mul(big), torch.tensor([[0.0, 200.0]]))
+
+
+def test_ops_work_without_calling_available_first():
+    import subprocess
+    import sys
+
+    code = ("import torch; from hpcserve.kernels import cpu_ops; "
+            "print(cpu_ops.silu_mul(torch.zeros(1, 4)).tolist())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[[0.0, 0.0]]"

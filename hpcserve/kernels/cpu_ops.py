@@ -45,6 +45,13 @@ def available() -> bool:
     return _setup() is not None
 
 
+def _require() -> ctypes.CDLL:
+    lib = _lib or _setup()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {build.load('cpu_ops')[1]}")
+    return lib
+
+
 def _check(t: torch.Tensor, name: str) -> None:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise ValueError(f"{name}: expected a float32 CPU tensor, got {t.dtype} on {t.device}")
@@ -62,7 +69,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
             raise ValueError("delta must match x with contiguous rows")
         ld = delta.stride(0)
     out = torch.empty_like(x)
-    _lib.hpc_add_rms_norm(
+    _require().hpc_add_rms_norm(
         x.data_ptr(), None if delta is None else delta.data_ptr(), weight.contiguous().data_ptr(),
         out.data_ptr(), rows, h, ld, eps,
     )
@@ -76,7 +83,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if two_inter % 2 or gate_up.stride(1) != 1:
         raise ValueError("silu_mul: expected [rows, 2*inter] with contiguous rows")
     out = torch.empty((rows, two_inter // 2), dtype=torch.float32)
-    _lib.hpc_silu_mul(gate_up.data_ptr(), rows, two_inter // 2, gate_up.stride(0), out.data_ptr())
+    _require().hpc_silu_mul(gate_up.data_ptr(), rows, two_inter // 2, gate_up.stride(0), out.data_ptr())
     return out
 
 
@@ -87,7 +94,7 @@ def rope_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin_signed: torch.Tens
     if x.stride(-1) != 1 or positions.dtype != torch.int64 or not (cos.is_contiguous() and sin_signed.is_contiguous()):
         raise ValueError("rope_: x needs unit last stride, positions int64, tables contiguous")
     positions = positions.contiguous()
-    _lib.hpc_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, d, cos.data_ptr(), sin_signed.data_ptr(), positions.data_ptr())
+    _require().hpc_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, d, cos.data_ptr(), sin_signed.data_ptr(), positions.data_ptr())
 
 
 def paged_decode_attention(
@@ -114,7 +121,7 @@ def paged_decode_attention(
     lens = ctx_lens.contiguous()
     if out is None:
         out = torch.empty((nd, heads, d), dtype=torch.float32)
-    _lib.hpc_paged_decode_attn(
+    _require().hpc_paged_decode_attn(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), bt.shape[1],
         lens.data_ptr(), nd, heads, kv_heads, d, block_size, scale, window or 0, out.data_ptr(),
     )
