@@ -89,10 +89,10 @@ def test_rope_in_place_matches_rotate_half():
     assert torch.equal(got[:, heads:], x[:, heads:])  # heads past `heads` untouched
 
 
-@pytest.mark.parametrize("kv_heads,group,window", [(1, 1, None), (2, 3, None), (4, 2, 5), (3, 3, 1)])
-def test_paged_decode_attention_matches_gathered_softmax(kv_heads, group, window):
+@pytest.mark.parametrize("kv_heads,group,window,d", [(1, 1, None, 8), (2, 3, None, 12), (4, 2, 5, 8), (3, 3, 1, 20)])
+def test_paged_decode_attention_matches_gathered_softmax(kv_heads, group, window, d):
     g = torch.Generator().manual_seed(kv_heads * 10 + group)
-    d, bs, nb = 8, 4, 16
+    bs, nb = 4, 16
     kc, vc = torch.randn(nb, bs, kv_heads, d, generator=g), torch.randn(nb, bs, kv_heads, d, generator=g)
     lens = torch.tensor([1, 6, 13, 4])
     tables = torch.tensor([[2, 0, 0, 0], [5, 9, 0, 0], [1, 3, 7, 11], [15, 0, 0, 0]])
@@ -127,3 +127,19 @@ def test_ops_work_without_calling_available_first():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[[0.0, 0.0]]"
+
+
+def test_paged_decode_attention_long_context_uses_heap_scores():
+    """heads x context above the kernel's stack buffer (8192 scores) takes the malloc path."""
+    g = torch.Generator().manual_seed(7)
+    kv_heads, group, d, bs = 2, 2, 8, 16
+    n = 2100  # 4 heads x 2100 = 8400 scores
+    blocks = -(-n // bs)
+    kc, vc = torch.randn(blocks + 1, bs, kv_heads, d, generator=g), torch.randn(blocks + 1, bs, kv_heads, d, generator=g)
+    table = torch.arange(1, blocks + 1).unsqueeze(0)
+    q = torch.randn(1, kv_heads * group, d, generator=g)
+    got = cpu_ops.paged_decode_attention(q, kc, vc, table, torch.tensor([n]), 0.5)
+    kk, vv = kc[1:].reshape(-1, kv_heads, d)[:n], vc[1:].reshape(-1, kv_heads, d)[:n]
+    for h in range(kv_heads * group):
+        want = torch.softmax(kk[:, h // group] @ q[0, h] * 0.5, 0) @ vv[:, h // group]
+        torch.testing.assert_close(got[0, h], want, rtol=1e-5, atol=1e-5)
