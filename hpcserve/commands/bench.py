@@ -27,7 +27,9 @@ def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threa
 
     Every prompt generates exactly --output-len tokens (EOS ignored). With
     --baseline hf, transformers' generate runs the same prompts in the same
-    process right after, and the ratio hpcserve/baseline is printed.
+    process; the two alternate for --repeats rounds, each one's best round
+    counts, and the ratio hpcserve/baseline is printed. The cores are shared:
+    compare ratios, and use --repeats 3 or more for numbers you quote.
     """
     from hpcserve.bench.throughput import run_throughput
 
