@@ -249,7 +249,7 @@ class BatchError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., line: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("id", "status", "endpoint", "completion_window", "input_file", "output_file", "error_file", "request_counts", "errors", "metadata", "created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at", "cancelled_at", "expires_at", "expired_at")
+    __slots__ = ("id", "status", "endpoint", "completion_window", "input_file", "output_file", "error_file", "request_counts", "errors", "metadata", "created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at", "cancelled_at", "expires_at", "expired_at", "usage")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,7 @@ class Batch(_message.Message):
     CANCELLED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: BatchStatus
     endpoint: str
@@ -295,7 +296,18 @@ class Batch(_message.Message):
     cancelled_at: int
     expires_at: int
     expired_at: int
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[BatchStatus, str]] = ..., endpoint: _Optional[str] = ..., completion_window: _Optional[str] = ..., input_file: _Optional[str] = ..., output_file: _Optional[str] = ..., error_file: _Optional[str] = ..., request_counts: _Optional[_Union[BatchRequestCounts, _Mapping]] = ..., errors: _Optional[_Iterable[_Union[BatchError, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[int] = ..., in_progress_at: _Optional[int] = ..., finalizing_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., failed_at: _Optional[int] = ..., cancelling_at: _Optional[int] = ..., cancelled_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., expired_at: _Optional[int] = ...) -> None: ...
+    usage: BatchUsage
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[BatchStatus, str]] = ..., endpoint: _Optional[str] = ..., completion_window: _Optional[str] = ..., input_file: _Optional[str] = ..., output_file: _Optional[str] = ..., error_file: _Optional[str] = ..., request_counts: _Optional[_Union[BatchRequestCounts, _Mapping]] = ..., errors: _Optional[_Iterable[_Union[BatchError, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[int] = ..., in_progress_at: _Optional[int] = ..., finalizing_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., failed_at: _Optional[int] = ..., cancelling_at: _Optional[int] = ..., cancelled_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., expired_at: _Optional[int] = ..., usage: _Optional[_Union[BatchUsage, _Mapping]] = ...) -> None: ...
+
+class BatchUsage(_message.Message):
+    __slots__ = ("input_tokens", "output_tokens", "total_tokens")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("batch_id",)
@@ -380,17 +392,25 @@ class Allocation(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., end_time: _Optional[int] = ..., seconds_left: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s")
+    __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s", "is_ready", "max_model_len", "num_worker_restarts", "state_dir")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    IS_READY_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIR_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     num_ranks: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     allocation: Allocation
     uptime_s: float
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., num_ranks: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    is_ready: bool
+    max_model_len: int
+    num_worker_restarts: int
+    state_dir: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., num_ranks: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ..., uptime_s: _Optional[float] = ..., is_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., num_worker_restarts: _Optional[int] = ..., state_dir: _Optional[str] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hpcserve.api.v1 import serving_pb2 as hpcserve_dot_api_dot_v1_dot_serving__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chpcserve/api/v1/worker.proto\x12\x0fhpcserve.api.v1\x1a\x1dhpcserve/api/v1/serving.proto\"\xaa\x01\n\rWorkerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.hpcserve.api.v1.HelloH\x00\x12\x34\n\x0cstep_outputs\x18\x02 \x01(\x0b\x32\x1c.hpcserve.api.v1.StepOutputsH\x00\x12\x32\n\x0bload_report\x18\x03 \x01(\x0b\x32\x1b.hpcserve.api.v1.LoadReportH\x00\x42\x06\n\x04kind\"\xe1\x01\n\rDaemonMessage\x12+\n\x07welcome\x18\x01 \x01(\x0b\x32\x18.hpcserve.api.v1.WelcomeH\x00\x12\x32\n\x0b\x61\x64\x64_request\x18\x02 \x01(\x0b\x32\x1b.hpcserve.api.v1.AddRequestH\x00\x12\x38\n\x0e\x61\x62ort_requests\x18\x03 \x01(\x0b\x32\x1e.hpcserve.api.v1.AbortRequestsH\x00\x12-\n\x08shutdown\x18\x04 \x01(\x0b\x32\x19.hpcserve.api.v1.ShutdownH\x00\x42\x06\n\x04kind\"\x98\x01\n\x05Hello\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nreplica_id\x18\x02 \x01(\x05\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x1c.hpcserve.api.v1.ReplicaRole\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06secret\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\"\xd9\x01\n\x11RequestStepOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x33\n\x0cnew_logprobs\x18\x03 \x03(\x0b\x32\x1d.hpcserve.api.v1.TokenLogprob\x12\x13\n\x0bis_finished\x18\x04 \x01(\x08\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.hpcserve.api.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\"B\n\x0bStepOutputs\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".hpcserve.api.v1.RequestStepOutput\"\x85\x01\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x1a\n\x12num_free_kv_blocks\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\x05\x12\x1a\n\x12recent_step_time_s\x18\x05 \x01(\x01\"2\n\x07Welcome\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"\xc1\x01\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x38\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1f.hpcserve.api.v1.SamplingParams\x12\x34\n\rrequest_class\x18\x04 \x01(\x0e\x32\x1d.hpcserve.api.v1.RequestClass\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\"$\n\rAbortRequests\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x19\n\x08Shutdown\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x32[\n\nWorkerLink\x12M\n\x07\x43onnect\x12\x1e.hpcserve.api.v1.WorkerMessage\x1a\x1e.hpcserve.api.v1.DaemonMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chpcserve/api/v1/worker.proto\x12\x0fhpcserve.api.v1\x1a\x1dhpcserve/api/v1/serving.proto\"\xaa\x01\n\rWorkerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.hpcserve.api.v1.HelloH\x00\x12\x34\n\x0cstep_outputs\x18\x02 \x01(\x0b\x32\x1c.hpcserve.api.v1.StepOutputsH\x00\x12\x32\n\x0bload_report\x18\x03 \x01(\x0b\x32\x1b.hpcserve.api.v1.LoadReportH\x00\x42\x06\n\x04kind\"\xe1\x01\n\rDaemonMessage\x12+\n\x07welcome\x18\x01 \x01(\x0b\x32\x18.hpcserve.api.v1.WelcomeH\x00\x12\x32\n\x0b\x61\x64\x64_request\x18\x02 \x01(\x0b\x32\x1b.hpcserve.api.v1.AddRequestH\x00\x12\x38\n\x0e\x61\x62ort_requests\x18\x03 \x01(\x0b\x32\x1e.hpcserve.api.v1.AbortRequestsH\x00\x12-\n\x08shutdown\x18\x04 \x01(\x0b\x32\x19.hpcserve.api.v1.ShutdownH\x00\x42\x06\n\x04kind\"\xed\x01\n\x05Hello\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nreplica_id\x18\x02 \x01(\x05\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x1c.hpcserve.api.v1.ReplicaRole\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06secret\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\t \x01(\x05\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x11\n\tnum_ranks\x18\x0b \x01(\x05\"\x96\x02\n\x11RequestStepOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x33\n\x0cnew_logprobs\x18\x03 \x03(\x0b\x32\x1d.hpcserve.api.v1.TokenLogprob\x12\x13\n\x0bis_finished\x18\x04 \x01(\x08\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.hpcserve.api.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\x10\n\x08new_text\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\"B\n\x0bStepOutputs\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".hpcserve.api.v1.RequestStepOutput\"\xb1\x01\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x1a\n\x12num_free_kv_blocks\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\x05\x12\x1a\n\x12recent_step_time_s\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x05\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\"2\n\x07Welcome\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"\xc1\x01\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x38\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1f.hpcserve.api.v1.SamplingParams\x12\x34\n\rrequest_class\x18\x04 \x01(\x0e\x32\x1d.hpcserve.api.v1.RequestClass\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\"$\n\rAbortRequests\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x19\n\x08Shutdown\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x32[\n\nWorkerLink\x12M\n\x07\x43onnect\x12\x1e.hpcserve.api.v1.WorkerMessage\x1a\x1e.hpcserve.api.v1.DaemonMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DAEMONMESSAGE']._serialized_start=254
   _globals['_DAEMONMESSAGE']._serialized_end=479
   _globals['_HELLO']._serialized_start=482
-  _globals['_HELLO']._serialized_end=634
-  _globals['_REQUESTSTEPOUTPUT']._serialized_start=637
-  _globals['_REQUESTSTEPOUTPUT']._serialized_end=854
-  _globals['_STEPOUTPUTS']._serialized_start=856
-  _globals['_STEPOUTPUTS']._serialized_end=922
-  _globals['_LOADREPORT']._serialized_start=925
-  _globals['_LOADREPORT']._serialized_end=1058
-  _globals['_WELCOME']._serialized_start=1060
-  _globals['_WELCOME']._serialized_end=1110
-  _globals['_ADDREQUEST']._serialized_start=1113
-  _globals['_ADDREQUEST']._serialized_end=1306
-  _globals['_ABORTREQUESTS']._serialized_start=1308
-  _globals['_ABORTREQUESTS']._serialized_end=1344
-  _globals['_SHUTDOWN']._serialized_start=1346
-  _globals['_SHUTDOWN']._serialized_end=1371
-  _globals['_WORKERLINK']._serialized_start=1373
-  _globals['_WORKERLINK']._serialized_end=1464
+  _globals['_HELLO']._serialized_end=719
+  _globals['_REQUESTSTEPOUTPUT']._serialized_start=722
+  _globals['_REQUESTSTEPOUTPUT']._serialized_end=1000
+  _globals['_STEPOUTPUTS']._serialized_start=1002
+  _globals['_STEPOUTPUTS']._serialized_end=1068
+  _globals['_LOADREPORT']._serialized_start=1071
+  _globals['_LOADREPORT']._serialized_end=1248
+  _globals['_WELCOME']._serialized_start=1250
+  _globals['_WELCOME']._serialized_end=1300
+  _globals['_ADDREQUEST']._serialized_start=1303
+  _globals['_ADDREQUEST']._serialized_end=1496
+  _globals['_ABORTREQUESTS']._serialized_start=1498
+  _globals['_ABORTREQUESTS']._serialized_end=1534
+  _globals['_SHUTDOWN']._serialized_start=1536
+  _globals['_SHUTDOWN']._serialized_end=1561
+  _globals['_WORKERLINK']._serialized_start=1563
+  _globals['_WORKERLINK']._serialized_end=1654
 # @@protoc_insertion_point(module_scope)
