@@ -1,5 +1,7 @@
 """Harness for the scheduler tests: a fake runner over a fake paged KV store, the
-reference it is checked against, and invariants checked after every step. No torch."""
+reference it is checked against, and invariants checked after every step (state
+invariants, plus per-step ordering and preemption rules of the priority classes,
+which reduce to plain FCFS with a single class). No torch."""
 
 from __future__ import annotations
 
@@ -72,9 +74,14 @@ def reference(
             return out, "length"
 
 
-def mkreq(rid, prompt, t=0.0, **kw) -> Request:
+def mkreq(rid, prompt, t=0.0, priority=0, **kw) -> Request:
     return Request(
-        rid, list(prompt), SamplingParams(**kw), eos_token_ids=(EOS,), arrival_time=t
+        rid,
+        list(prompt),
+        SamplingParams(**kw),
+        eos_token_ids=(EOS,),
+        arrival_time=t,
+        priority=priority,
     )
 
 
@@ -96,6 +103,8 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput | None = None) -> No
     for r in sched.waiting:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert r.block_ids == [] and r.num_computed_tokens == 0
+    prios = [r.priority for r in sched.waiting]
+    assert prios == sorted(prios), prios  # waiting: by priority (then FCFS)
     assert 0 not in owners and 0 not in kv._free
     for b in range(1, kv.num_blocks):
         own = owners.get(b, [])
@@ -134,6 +143,49 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput | None = None) -> No
             assert s.block_ids == r.block_ids
 
 
+def check_step_order(
+    sched: Scheduler,
+    run0: list[Request],
+    wait0: list[Request],
+    out: SchedulerOutput,
+) -> None:
+    """Rules of one ``schedule()`` call, given ``running``/``waiting`` before it."""
+    ids = [s.req_id for s in out.seqs]
+    pre = out.preempted_req_ids
+    assert len(set(pre)) == len(pre)
+    assert not set(pre) & set(ids), "a request scheduled in this step was preempted"
+    # serving order of the running requests: priority, then admission
+    served = sorted(run0, key=lambda r: r.priority)  # stable
+    rank = {r.req_id: k for k, r in enumerate(served)}
+    # victims: running before the step, and a suffix of the serving order (least
+    # urgent first, most recently admitted first within a class)
+    assert set(pre) <= set(rank), (pre, list(rank))
+    assert {r.req_id for r in served[len(served) - len(pre) :]} == set(pre), (
+        pre,
+        [(r.req_id, r.priority) for r in served],
+    )
+    for r in run0:
+        if r.req_id in pre:
+            assert r.status == RequestStatus.PREEMPTED and r in sched.waiting
+    # admissions: a prefix of the waiting order, strictly more urgent than every victim
+    admitted = [i for i in ids if i not in rank]
+    assert admitted == [r.req_id for r in wait0[: len(admitted)]], (admitted, wait0)
+    prio = {r.req_id: r.priority for r in run0 + wait0}
+    if pre and admitted:
+        assert max(prio[a] for a in admitted) < min(prio[v] for v in pre)
+    # step order: by priority; within a priority running requests (admission order)
+    # before admitted ones (waiting order)
+    wrank = {r.req_id: k for k, r in enumerate(wait0)}
+    key = {
+        i: (prio[i], 0, rank[i]) if i in rank else (prio[i], 1, wrank[i]) for i in ids
+    }
+    assert ids == sorted(ids, key=key.get), [(i, key[i]) for i in ids]
+    # a running request is left out only when the budget ran out
+    left = [r.req_id for r in run0 if r.req_id not in ids and r.req_id not in pre]
+    if left:
+        assert out.num_batched_tokens == sched.max_num_batched_tokens, left
+
+
 class Driver:
     """Runs the schedule → fake model → update loop and records everything."""
 
@@ -147,8 +199,10 @@ class Driver:
         self.finish_step: dict[str, int] = {}
 
     def step(self) -> SchedulerOutput:
+        run0, wait0 = list(self.sched.running), list(self.sched.waiting)
         out = self.sched.schedule()
         check_invariants(self.sched, out)
+        check_step_order(self.sched, run0, wait0, out)
         self.outputs.append(out)
         sampled = self.runner.execute(out)
         assert set(sampled) == {s.req_id for s in out.seqs if s.do_sample}

@@ -11,6 +11,13 @@ Lifecycle of a ``Request`` (``status``):
 ``num_new_tokens`` more (a prefill chunk, or 1 for decode); when a step reaches the
 end of the known tokens the runner samples one new token, appended by
 ``Scheduler.update_from_output``.
+
+Scheduling class (``priority``): an int, lower is more urgent. Two classes are
+used: ``PRIORITY_INTERACTIVE`` (0, chat; the default) and ``PRIORITY_BATCH`` (1,
+offline batch jobs), but any int works (e.g. -1 for something more urgent than
+chat). The scheduler keeps ``waiting`` ordered by priority, then FCFS; serves
+running requests in priority order; and lets a waiting request preempt running
+ones of a strictly less urgent class (see ``hpcserve.engine.scheduler``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import time
 from dataclasses import dataclass, field
 
 from hpcserve.errors import RequestError
+
+PRIORITY_INTERACTIVE = 0  # chat: served first, may preempt batch requests
+PRIORITY_BATCH = 1  # offline batch: runs in whatever the interactive load leaves
 
 
 class RequestStatus(enum.Enum):
@@ -121,14 +131,18 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
+        priority: int = PRIORITY_INTERACTIVE,
     ) -> None:
         if not prompt_token_ids:
             raise RequestError("prompt: must contain at least one token", field="prompt")
+        if not _is_int(priority):
+            raise RequestError(f"priority: must be an integer, got {priority!r}", field="priority")
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority  # lower is more urgent; PRIORITY_INTERACTIVE / PRIORITY_BATCH
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprob] = []
         self.status = RequestStatus.WAITING
@@ -167,6 +181,6 @@ class Request:
 
     def __repr__(self) -> str:
         return (
-            f"Request({self.req_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
+            f"Request({self.req_id!r}, {self.status.name}, prio={self.priority}, prompt={self.num_prompt_tokens}, "
             f"out={len(self.output_token_ids)}, computed={self.num_computed_tokens})"
         )

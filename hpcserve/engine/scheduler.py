@@ -1,7 +1,21 @@
 """Step scheduler: one token budget per step for chunked prefill and decode. No torch.
 
-Queues: ``waiting`` (new and preempted requests, FCFS; preempted go to the front)
-and ``running`` (requests holding KV blocks, in admission order).
+Queues: ``waiting`` (new and preempted requests) and ``running`` (requests holding
+KV blocks, in admission order).
+
+Scheduling classes: every request has a ``priority`` (an int, lower is more
+urgent; ``PRIORITY_INTERACTIVE = 0`` for chat, ``PRIORITY_BATCH = 1`` for batch
+jobs, see ``hpcserve.engine.request``). With a single class everything below is
+plain FCFS.
+
+- ``waiting`` is ordered by priority, then FCFS within a priority. A preempted
+  request goes to the *front of its own class* (never ahead of more urgent
+  waiting requests).
+- Each step serves running requests in priority order (stable: admission order
+  within a class), so an interactive decode gets budget before a batch prefill
+  chunk. The waiting head is admitted as soon as it is strictly more urgent than
+  the next running request to serve, else after all running ones; so a new chat
+  request also gets budget before running batch requests.
 
 One engine step is::
 
@@ -9,14 +23,33 @@ One engine step is::
     sampled = runner.execute(out)              # model forward + sampling (torch side)
     events = scheduler.update_from_output(out, sampled)   # advance, append tokens, stop checks
 
-``schedule`` first serves running requests (a decode needs 1 token; an unfinished
-prefill continues with a chunk), then admits waiting ones while the budget
-(``max_num_batched_tokens``), ``max_num_seqs`` and free blocks allow. When a
-running request needs a block and none is free, the most recently admitted
-running request is preempted *by recompute*: its blocks are freed, its
-``num_computed_tokens`` reset, and it returns to the front of ``waiting``; its
-output so far is kept and recomputed as part of its prompt (the prefix cache
-usually makes this cheap).
+``schedule`` serves running requests (a decode needs 1 token; an unfinished
+prefill continues with a chunk) and admits waiting ones while the budget
+(``max_num_batched_tokens``), ``max_num_seqs`` and free blocks allow; admission
+is strictly in ``waiting`` order (a head that does not fit blocks those behind it).
+
+Preemption is *by recompute*: the victim's blocks are freed, its
+``num_computed_tokens`` reset, and it returns to the front of its class in
+``waiting``; its output so far is kept and recomputed as part of its prompt (the
+prefix cache usually makes this cheap). A request already scheduled in the
+current step is never preempted (its blocks are in the step output). Two causes:
+
+- A running request needs a block and none is free: the victim is the least
+  urgent request among the running ones not yet scheduled in this step (the
+  requester included), the most recently admitted among those. After such a
+  preemption no request is admitted in that step (memory is tight).
+- The waiting head cannot get blocks (or a ``max_num_seqs`` slot) and running,
+  not-yet-scheduled requests of a strictly less urgent class exist (a chat
+  request while batch requests run): those are preempted, least urgent and most
+  recently admitted first, just until the head fits; if even all of them would
+  not make room, none is preempted. Later admissions in that step must be
+  strictly more urgent than every victim, so a victim is never re-admitted in
+  the step that preempted it, and a request never causes the preemption of an
+  equally or more urgent one.
+
+In every step, the preempted requests are thus a suffix of the running ones in
+(priority, admission) order, and every request admitted in a step is strictly
+more urgent than every request preempted in it.
 
 Stop conditions decided here are token-level: EOS (unless ``ignore_eos``),
 ``stop_token_ids``, ``max_tokens``, and the model length. Stop *strings* need text,
@@ -98,7 +131,23 @@ class Scheduler:
         if req.req_id in self.requests:
             raise ValueError(f"duplicate req_id {req.req_id!r}")
         self.requests[req.req_id] = req
-        self.waiting.append(req)
+        self._enqueue(req, front_of_class=False)
+
+    def _enqueue(self, req: Request, front_of_class: bool) -> None:
+        """Insert into ``waiting`` (ordered by priority, FCFS within a priority): at the
+        back of ``req``'s class, or at its front (a preempted request). O(n), and O(1)
+        when there is a single class."""
+        w = self.waiting
+        p = req.priority
+        if front_of_class:
+            i = 0
+            while i < len(w) and w[i].priority < p:
+                i += 1
+        else:
+            i = len(w)
+            while i > 0 and w[i - 1].priority > p:
+                i -= 1
+        w.insert(i, req)
 
     def finish_request(self, req_id: str, status: RequestStatus) -> Request | None:
         req = self.requests.pop(req_id, None)
@@ -126,42 +175,54 @@ class Scheduler:
         self._finished_since_step = []
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
-
-        # 1. running requests: decodes and continuing prefill chunks
+        done: set[str] = set()  # req_ids scheduled in this step: never preempted
+        # running requests in serving order: priority, then admission (sorted is stable)
+        order = sorted(self.running, key=lambda r: r.priority)
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        admit = True  # False once the waiting head did not fit, or after a growth preemption
+        victim_floor: int | None = None  # most urgent priority preempted for a waiting head
+
+        while budget > 0:
+            while i < len(order) and order[i].status != RequestStatus.RUNNING:
+                i += 1  # preempted earlier in this step
+            nxt = order[i] if i < len(order) else None
+            head = self.waiting[0] if admit and self.waiting else None
+            if head is not None and victim_floor is not None and head.priority >= victim_floor:
+                head = None  # must be strictly more urgent than this step's victims
+                admit = False
+
+            if head is not None and (nxt is None or head.priority < nxt.priority):
+                # admit the waiting head before the next running request
+                num_new, victims = self._admit_head(head, budget, done)
+                out.preempted_req_ids += [v.req_id for v in victims]
+                if victims:
+                    floor = min(v.priority for v in victims)
+                    victim_floor = floor if victim_floor is None else min(victim_floor, floor)
+                if num_new is None:
+                    admit = False  # FCFS: nothing behind the head is admitted either
+                    continue
+                scheduled.append((head, num_new))
+                done.add(head.req_id)
+                budget -= num_new
+                continue
+
+            if nxt is None:
+                break
+            # serve a running request: decode, or the next chunk of its prefill
+            i += 1
+            req = nxt
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, num_new):
-                victim = self.running[-1]
+                victim = self._growth_victim(done)
                 self._preempt(victim)
                 out.preempted_req_ids.append(victim.req_id)
+                admit = False  # memory is tight: no admissions in this step
                 if victim is req:
                     break
             else:
                 scheduled.append((req, num_new))
+                done.add(req.req_id)
                 budget -= num_new
-                i += 1
-                continue
-            break  # req itself was preempted; nothing after it is left to schedule
-
-        # 2. waiting requests, unless we just had to preempt (memory is tight)
-        while self.waiting and budget > 0 and not out.preempted_req_ids:
-            if len(self.running) >= self.max_num_seqs:
-                break
-            req = self.waiting[0]
-            cached_ids, num_cached = self.kv.find_cached_prefix(req)
-            num_new = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate(req, num_new, cached_ids):
-                break
-            self.waiting.popleft()
-            if req.status == RequestStatus.WAITING:
-                req.num_cached_tokens = num_cached
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            scheduled.append((req, num_new))
-            budget -= num_new
 
         for req, num_new in scheduled:
             start = req.num_computed_tokens
@@ -186,6 +247,75 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
+    def _growth_victim(self, done: set[str]) -> Request:
+        """Least urgent running request not yet scheduled in this step, the most recently
+        admitted among those. The requester itself is a candidate, so there always is one."""
+        victim = None
+        for r in reversed(self.running):
+            if r.req_id not in done and (victim is None or r.priority > victim.priority):
+                victim = r
+        assert victim is not None
+        return victim
+
+    def _admit_head(self, req: Request, budget: int, done: set[str]) -> tuple[int | None, list[Request]]:
+        """Give the waiting head blocks and a seat, preempting running requests of a
+        strictly less urgent class if that makes it fit. Returns its chunk size (None if
+        it cannot be admitted in this step) and the requests it preempted."""
+        # candidates: least urgent first, most recently admitted first within a class
+        candidates = sorted(
+            (r for r in reversed(self.running) if r.req_id not in done and r.priority > req.priority),
+            key=lambda r: -r.priority,
+        )
+        if len(self.running) >= self.max_num_seqs and not candidates:
+            return None, []
+        cached_ids, num_cached = self.kv.find_cached_prefix(req)
+        num_new = min(req.num_tokens - num_cached, budget)
+        victims: list[Request] = []
+        if len(self.running) >= self.max_num_seqs or not self.kv.allocate(req, num_new, cached_ids):
+            victims = self._victims_to_fit(req, num_new, cached_ids, candidates)
+            if not victims:
+                return None, []
+            for v in victims:
+                self._preempt(v)
+            if not self.kv.allocate(req, num_new, cached_ids):  # cannot happen: _victims_to_fit counted
+                return None, victims
+        self.waiting.popleft()
+        if req.status == RequestStatus.WAITING:
+            req.num_cached_tokens = num_cached
+        req.num_computed_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return num_new, victims
+
+    def _victims_to_fit(
+        self, req: Request, num_new: int, cached_ids: list[int], candidates: list[Request]
+    ) -> list[Request]:
+        """Shortest prefix of ``candidates`` whose preemption gives ``req`` a seat and the
+        blocks ``kv.allocate(req, num_new, cached_ids)`` needs; [] if none does.
+
+        Mirrors ``KVCacheManager.allocate``'s count: a block returns to the free list
+        when its last holder lets go; a cached block ``req`` reuses must be taken back
+        from the free list if nobody else holds it."""
+        kv = self.kv
+        bs = kv.block_size
+        n_new = max(0, -(-(len(cached_ids) * bs + num_new) // bs) - len(cached_ids))
+        reused = set(cached_ids)
+        need = n_new + sum(1 for b in cached_ids if kv.ref_cnt[b] == 0)
+        free = kv.num_free_blocks
+        seats = self.max_num_seqs - len(self.running)
+        drops: dict[int, int] = {}
+        for k, v in enumerate(candidates, 1):
+            seats += 1
+            for b in v.block_ids:
+                drops[b] = drops.get(b, 0) + 1
+                if drops[b] == kv.ref_cnt[b]:  # v was its last holder
+                    free += 1
+                    if b in reused:
+                        need += 1
+            if seats > 0 and need <= free:
+                return candidates[:k]
+        return []
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
@@ -193,7 +323,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req, front_of_class=True)
 
     # ---------------------------------------------------------------- update
     def update_from_output(
