@@ -1,5 +1,6 @@
 # hpcserve: idempotent set-up and the project's main commands.
-#   make demo    install, then run the embedded SmolLM2 demo (stream a chat, run a batch, print results)
+#   make demo    install, then run the embedded SmolLM2 demo: start the daemon (2 ranks), stream a chat,
+#                run a 20-line batch, print the results, stop the daemon
 #   make test    install, then run the whole test suite (slow end-to-end tests included)
 #   make bench   install, then run the benchmarks (baselines side by side)
 SHELL := /bin/bash
@@ -27,14 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: install
-	@mkdir -p demo-out
-	@echo "== preparing the embedded model (first run converts the GGUF once, ~40 s)"
-	$(BIN)/hpcserve models demo
-	@echo "== streaming a chat"
-	$(BIN)/python examples/stream_chat.py "What is the capital of France?"
-	@echo "== running a small batch (OpenAI Batch JSONL)"
-	$(BIN)/hpcserve run-batch --model demo examples/demo_batch.jsonl -o demo-out/results.jsonl --errors demo-out/errors.jsonl
-	$(BIN)/python examples/show_results.py demo-out/results.jsonl demo-out/errors.jsonl
+	BIN=$(BIN) OUT=demo-out scripts/demo.sh
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -31,18 +31,31 @@ class _Group(click.Group):
 def main() -> None:
     """hpcserve: LLM inference for Slurm/HPC sites.
 
-    Offline today: `run-batch` runs an OpenAI Batch JSONL file through the engine,
+    Service: `serve` runs the daemon; `submit` sends it an OpenAI Batch JSONL file,
+    `status` shows the daemon and its batches, `results` writes a batch's output
+    files, `cancel` stops a batch, `chat` talks to the model (one-shot or REPL).
+    Clients find the daemon via --endpoint, HPCSERVE_ENDPOINT or the state dir's
+    endpoint.json (--state-dir, HPCSERVE_STATE_DIR, default ~/.hpcserve).
+
+    Offline: `run-batch` runs an OpenAI Batch JSONL file through the engine,
     `bench throughput` measures it against transformers, `models demo` prepares the
     embedded SmolLM2-135M-Instruct model.
     """
 
 
 def _register() -> None:
-    from hpcserve.commands import bench, models, run_batch
+    from hpcserve.commands import bench, chat, jobs, models, run_batch, serve
 
+    main.add_command(serve.serve)
+    main.add_command(serve.worker)
     main.add_command(models.models)
     main.add_command(run_batch.run_batch)
     main.add_command(bench.bench)
+    main.add_command(jobs.submit)
+    main.add_command(jobs.status)
+    main.add_command(jobs.results)
+    main.add_command(jobs.cancel)
+    main.add_command(chat.chat)
 
 
 _register()

@@ -169,7 +169,11 @@ class DaemonSection(_Section):
     ranks: int = _opt(1, "MPI ranks in the worker step (one GPU each; CPU threads locally).")
     mpiexec: str | None = _opt(None, "mpiexec used to launch workers locally (default: the one next to the Python "
                                      "interpreter, i.e. the venv's).", example="/usr/bin/mpiexec")
-    worker_restart_limit: int = _opt(5, "Relaunches of a crashed worker step before the daemon gives up.")
+    worker_restart_limit: int = _opt(5, "Failed worker-step launches in a row before the daemon gives up "
+                                        "(a launch that served 60 s resets the count).")
+    worker_start_timeout_s: float = _opt(600.0, "Seconds the worker ranks get to load the model and connect.")
+    drain_timeout_s: float = _opt(30.0, "On SIGTERM/SIGINT: seconds in-flight chats get to finish (batch lines "
+                                        "are checkpointed at once and resume on the next start).")
 
     def _problems(self):
         out = []
@@ -180,7 +184,8 @@ class DaemonSection(_Section):
             out.append(("state_dir", 'is empty; set state-dir to a writable directory, e.g. "~/.hpcserve"'))
         if self.mpiexec is not None and not self.mpiexec.strip():
             out.append(("mpiexec", "is empty; remove the key to use the venv's mpiexec, or give a path"))
-        return out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
+        return (out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
+                + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0))
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -334,3 +334,39 @@ def test_sigkill_crash_safety(tmp_path):
     assert ids(outs) == sorted(ids(outs))  # line order
     assert list(store.results(bid)) == outs + errs
     store.close()
+
+
+def test_usage_input_file_and_result_order(tmp_path, store):
+    b = simple_batch(store, 4)
+    assert b["usage"] == {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    assert Path(b["input_file"]).read_bytes() == "\n".join(req(f"r{i}") for i in range(4)).encode()
+    c = store.claim_lines(4)
+
+    def with_usage(cl, p, n):
+        line = fake_output(cl)
+        line["response"]["body"]["usage"] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        return line
+
+    assert store.record_result(b["id"], 3, with_usage(c[2], 10, 5), False)
+    assert not store.record_result(b["id"], 3, with_usage(c[2], 99, 99), False)  # repeat adds nothing
+    bad_usage = with_usage(c[0], 7, 2) | {"response": {"body": {"usage": {"prompt_tokens": "x"}}}}
+    assert store.record_result(b["id"], 1, bad_usage, False)  # malformed usage counts as none
+    err = build_error_line("r1", 2, "context_length_exceeded", "long")
+    err["response"] = {"body": {"usage": {"prompt_tokens": 50, "completion_tokens": 50}}}
+    assert store.record_result(b["id"], 2, err, True)  # error lines add nothing
+    got = store.get_batch(b["id"])
+    assert got["usage"] == {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    # stored order with a cursor; file order (outputs, then errors, by line) in result_rows
+    rows = store.result_rows_after(b["id"])
+    assert [(s, cid, e) for s, cid, _, e in rows] == [(1, "r2", False), (2, "r0", False), (3, "r1", True)]
+    assert store.result_rows_after(b["id"], after_seq=2, limit=5)[0][1] == "r1"
+    assert [(cid, e) for cid, _, e in store.result_rows(b["id"])] == [("r0", False), ("r2", False), ("r1", True)]
+    assert store.record_result(b["id"], 4, with_usage(c[3], 1, 1), False)
+    done = store.get_batch(b["id"])
+    assert done["status"] == "completed" and done["usage"]["total_tokens"] == 17
+    assert [json.loads(t) for _, t, e in store.result_rows(b["id"]) if not e] == read_jsonl(done["output_file"])
+    path = tmp_path / "in.jsonl"
+    path.write_text(req("p1") + "\n{bad\n", encoding="utf-8")
+    b2 = store.create_batch(path)
+    assert b2["input_file"] == str(path.absolute())
+    assert [(s, e) for s, _, _, e in store.result_rows_after(b2["id"])] == [(1, True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,17 @@ def test_demo_greedy_matches_transformers():
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
         assert len(o.token_ids) > 3
         assert o.token_ids == ref[0, ids.shape[1]:].tolist()
+
+
+def test_demo_script_runs_the_daemon_end_to_end(tmp_path):
+    """`make demo`'s script: daemon with 2 ranks, a streamed chat, a 20-line batch, results, stop."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "scripts/demo.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "assistant> " in r.stdout and "Paris" in r.stdout.split("assistant> ", 1)[1].splitlines()[0]
+    out = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    err = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert len(out) == 19 and len(err) == 1 and err[0]["custom_id"] == "bad-line"
+    assert "[capital]" in r.stdout and "completed" in r.stderr
+    assert not (tmp_path / "out" / "state" / "endpoint.json").exists()  # the daemon stopped cleanly

@@ -49,6 +49,7 @@ from hpcserve.batch.openai_format import (
     build_output_line,
     error_from_request_error,
 )
+from hpcserve.engine.request import SamplingParams
 from hpcserve.errors import HpcserveError, RequestError
 
 DEFAULT_MAX_IN_FLIGHT = 256
@@ -106,8 +107,8 @@ class _Writer:
 
     def __init__(self, out_path: Path, errors_path: Path | None):
         self.out_path, self.errors_path = out_path, errors_path
-        self.out = open(_partial(out_path), "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.err = (open(_partial(errors_path), "w", encoding="utf-8")  # noqa: SIM115
+        self.out = open(_partial(out_path), "w", encoding="utf-8")  # closed in close()
+        self.err = (open(_partial(errors_path), "w", encoding="utf-8")
                     if errors_path else self.out)
         self._last_flush = time.monotonic()
 
@@ -224,21 +225,29 @@ def run_batch(
     return stats
 
 
-def _submit(engine: Any, req_id: str, item: BatchItem) -> None:
-    """Tokenize (chat) and add one request; engine ``RequestError`` -> ``BatchLineError``."""
+def prepare_item(frontend: Any, item: BatchItem) -> tuple[list[int], SamplingParams]:
+    """Token ids and final sampling params of a validated line. ``frontend`` is an
+    ``engine.frontend.Frontend`` (or anything with ``apply_chat_template``, ``tokenize`` and
+    ``max_model_len``, e.g. an ``LLMEngine``). A defaulted ``max_tokens`` is lowered to what is
+    left of the context. ``RequestError`` becomes ``BatchLineError``. The context-length check
+    itself is the caller's (``Frontend.check_length``, or ``LLMEngine.add_request``)."""
     try:
-        if item.is_chat:
-            prompt = engine.apply_chat_template(item.messages)
-        else:
-            prompt = item.prompt
-            if item.max_tokens_defaulted and isinstance(prompt, str) and hasattr(engine, "tokenize"):
-                prompt = engine.tokenize(prompt)  # to know how much room is left
+        ids = frontend.apply_chat_template(item.messages) if item.is_chat else frontend.tokenize(item.prompt)
         params = item.params
-        if item.max_tokens_defaulted and isinstance(prompt, list):
-            room = int(engine.max_model_len) - len(prompt)
+        if item.max_tokens_defaulted:
+            room = int(frontend.max_model_len) - len(ids)
             if 1 <= room < params.max_tokens:
                 params = dataclasses.replace(params, max_tokens=room)
-        engine.add_request(req_id, prompt, params)
+        return ids, params
+    except RequestError as exc:
+        raise error_from_request_error(item.line_no, item.custom_id, exc) from None
+
+
+def _submit(engine: Any, req_id: str, item: BatchItem) -> None:
+    """Tokenize and add one request; engine ``RequestError`` -> ``BatchLineError``."""
+    ids, params = prepare_item(engine, item)
+    try:
+        engine.add_request(req_id, ids, params)
     except RequestError as exc:
         raise error_from_request_error(item.line_no, item.custom_id, exc) from None
 

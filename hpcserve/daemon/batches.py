@@ -2,9 +2,15 @@
 
 Interface: ``BatchStore(state_dir)`` (``state_dir/batches.sqlite``, WAL, synchronous=FULL)
 with ``create_batch``, ``get_batch``, ``list_batches``, ``results`` (output lines then error
-lines, in line order, from the DB), ``cancel_batch``, ``check_expired``; for the daemon's
-scheduler ``claim_lines``, ``record_result``, ``requeue``, ``requeue_all_running``, and
-``recover()`` once at start. Unknown ids raise ``BatchNotFound``. ONE process per state dir.
+lines, in line order, from the DB; ``result_rows`` the same as ``(custom_id, json_text,
+is_error)``; ``result_rows_after(id, seq)`` in the order stored, to follow a running batch),
+``cancel_batch``, ``check_expired``; for the daemon's scheduler ``claim_lines``,
+``record_result``, ``requeue``, ``requeue_all_running``, and ``recover()`` once at start.
+Unknown ids raise ``BatchNotFound``. ONE process per state dir. Schema, ``ClaimedLine`` and
+row helpers live in ``batch_schema``. Batch dicts are OpenAI Batch objects plus ``tenant``;
+``input_file`` is the input path (absolute) or the stored copy ``batches/<id>/input.jsonl``
+of inline input, and ``usage`` sums ``response.body.usage`` of the output lines stored so
+far (``record_result`` adds it in the same transaction; error lines add nothing).
 
 Lifecycle. ``create_batch`` commits the batch as ``validating``, then in ONE transaction
 stores every non-blank line and moves it to ``in_progress``: valid lines ``pending`` (raw
@@ -45,82 +51,32 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from hpcserve.batch.openai_format import BatchItem, BatchLineError, LineParser, build_error_line, parse_line
+from hpcserve.batch.openai_format import BatchLineError, LineParser, build_error_line
+from hpcserve.daemon.batch_schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    STATUSES,
+    TERMINAL,
+    TIMESTAMPS,
+    BatchNotFound,
+    ClaimedLine,
+    line_usage,
+    migrate,
+    parse_completion_window,
+    row_to_dict,
+)
 from hpcserve.daemon.state_dir import fsync_dir, lock_state_dir, test_pause
 from hpcserve.errors import HpcserveError, RequestError
 
-SCHEMA_VERSION = 1
-STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "cancelling",
-            "cancelled", "expired")
-TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-_TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
-               "cancelling_at", "cancelled_at", "expires_at", "expired_at")
-_WINDOW_RE = re.compile(r"^([1-9][0-9]*)([smhd])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_BATCH_ERRORS = 10  # line errors copied into batch.errors when the whole file fails
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,
-    endpoint TEXT, status TEXT NOT NULL, target TEXT, completion_window TEXT NOT NULL,
-    metadata TEXT, errors TEXT,
-    total INTEGER NOT NULL DEFAULT 0, completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL, in_progress_at INTEGER, finalizing_at INTEGER,
-    completed_at INTEGER, failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
-    expires_at INTEGER NOT NULL, expired_at INTEGER, output_file TEXT, error_file TEXT);
-CREATE INDEX IF NOT EXISTS batches_status ON batches(status, expires_at, seq);
-CREATE TABLE IF NOT EXISTS lines (
-    batch_id TEXT NOT NULL, line_no INTEGER NOT NULL, custom_id TEXT, raw TEXT,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done')),
-    attempts INTEGER NOT NULL DEFAULT 0, is_error INTEGER, result TEXT,
-    PRIMARY KEY (batch_id, line_no)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS lines_state ON lines(state, batch_id, line_no);
-CREATE INDEX IF NOT EXISTS lines_done ON lines(batch_id, is_error, line_no);
-"""
-
-
-class BatchNotFound(HpcserveError):
-    """No batch with this id in the store."""
-
-    def __init__(self, batch_id: str):
-        super().__init__(f"batch not found: {batch_id!r}")
-        self.batch_id = batch_id
-
-
-@dataclass(frozen=True)
-class ClaimedLine:
-    """A line handed to the daemon to run; report it with ``record_result`` or ``requeue``."""
-
-    batch_id: str
-    line_no: int
-    custom_id: str
-    raw: str
-    attempts: int  # times claimed, this claim included
-    tenant: str
-
-    def parse(self) -> BatchItem:
-        """The validated request (the line passed validation when the batch was created)."""
-        return parse_line(self.raw, self.line_no)
-
-
-def parse_completion_window(window: str) -> int:
-    """``"24h"`` -> seconds; also ``s``/``m``/``d`` units."""
-    m = _WINDOW_RE.match(window) if isinstance(window, str) else None
-    if m is None:
-        raise RequestError(f"completion_window: must look like \"24h\" (number + s/m/h/d), "
-                           f"got {window!r}", field="completion_window")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
 
 
 class BatchStore:
@@ -144,7 +100,8 @@ class BatchStore:
                                 "put the state directory on a local filesystem")
         self._db.execute("PRAGMA synchronous=FULL")
         with self._tx() as db:
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
+            migrate(db)
+            for stmt in filter(str.strip, SCHEMA.split(";")):
                 db.execute(stmt)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
@@ -183,27 +140,35 @@ class BatchStore:
         window_s = parse_completion_window(completion_window)
         if metadata is not None and not isinstance(metadata, dict):
             raise RequestError("metadata: must be an object of string keys and values", field="metadata")
+        batch_id = "batch_" + os.urandom(16).hex()
+        out_dir = self.state_dir / "batches" / batch_id
         if isinstance(jsonl, (bytes, bytearray)):
-            f = io.BytesIO(bytes(jsonl))
+            f, input_file = io.BytesIO(bytes(jsonl)), out_dir / "input.jsonl"
         else:
             try:
-                f = open(jsonl, "rb")  # noqa: SIM115 - closed below
+                f = open(jsonl, "rb")  # closed below
             except OSError as exc:
                 raise HpcserveError(f"cannot read batch input {jsonl}: {exc}") from None
-        batch_id = "batch_" + os.urandom(16).hex()
+            input_file = Path(jsonl).absolute()
         now = int(time.time())
         with self._lock, f:
             with self._tx() as db:
                 db.execute("INSERT INTO batches (id, tenant, endpoint, status, completion_window, "
-                           "metadata, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                           "metadata, input_file, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
                            (batch_id, tenant, endpoint, "validating", completion_window,
-                            json.dumps(metadata) if metadata is not None else None, now,
-                            now + window_s))
+                            json.dumps(metadata) if metadata is not None else None, str(input_file),
+                            now, now + window_s))
             try:
+                if isinstance(f, io.BytesIO):  # keep a copy of inline input (informational)
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    input_file.with_name("input.jsonl.tmp").write_bytes(f.getbuffer())
+                    os.replace(input_file.with_name("input.jsonl.tmp"), input_file)
                 self._validate(batch_id, f, endpoint, now)
             except BaseException:  # e.g. a read error: the caller gets no batch, drop it
                 with self._tx() as db:
                     db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+                    db.execute("DELETE FROM lines WHERE batch_id=?", (batch_id,))
+                shutil.rmtree(out_dir, ignore_errors=True)
                 raise
             self._maybe_close(batch_id)
             return self.get_batch(batch_id)
@@ -234,7 +199,7 @@ class BatchStore:
 
         def flush() -> None:
             db.executemany("INSERT INTO lines (batch_id, line_no, custom_id, raw, state, is_error, "
-                           "result) VALUES (?,?,?,?,?,?,?)", rows)
+                           "result, done_seq) VALUES (?,?,?,?,?,?,?,?)", rows)
             rows.clear()
 
         for line_no, raw in enumerate(f, 1):
@@ -256,7 +221,7 @@ class BatchStore:
                     raise BatchLineError(line_no, item.custom_id, "invalid_url",
                                          f"url: this batch's endpoint is {endpoint}; got {item.url!r}")
                 rows.append((batch_id, line_no, item.custom_id, text.rstrip("\r\n"), "pending",
-                             None, None))
+                             None, None, None))
             except BatchLineError as exc:
                 bad += 1
                 if len(first_errors) < _MAX_BATCH_ERRORS:
@@ -264,7 +229,7 @@ class BatchStore:
                                          "line": line_no})
                 line = build_error_line(exc.custom_id, line_no, exc.code, exc.message)
                 rows.append((batch_id, line_no, exc.custom_id, None, "done", 1,
-                             json.dumps(line, ensure_ascii=False)))
+                             json.dumps(line, ensure_ascii=False), bad))
             if len(rows) >= 1000:
                 flush()
         flush()
@@ -272,7 +237,7 @@ class BatchStore:
 
     def get_batch(self, batch_id: str) -> dict:
         with self._lock:
-            return self._to_dict(self._row(batch_id))
+            return row_to_dict(self._row(batch_id))
 
     def list_batches(self, limit: int = 20, after: str | None = None,
                      tenant: str | None = None) -> list[dict]:
@@ -286,15 +251,7 @@ class BatchStore:
                 sql += " AND tenant = ?"
                 args.append(tenant)
             rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, int(limit))).fetchall()
-            return [self._to_dict(r) for r in rows]
-
-    def _to_dict(self, r: sqlite3.Row) -> dict:
-        d = {k: r[k] for k in ("id", "endpoint", "errors", "completion_window", "status", "output_file",
-                               "error_file", *_TIMESTAMPS, "metadata", "tenant")}
-        d.update(object="batch", errors=json.loads(r["errors"] or "null"),
-                 metadata=json.loads(r["metadata"] or "null"),
-                 request_counts={"total": r["total"], "completed": r["completed"], "failed": r["failed"]})
-        return d
+            return [row_to_dict(r) for r in rows]
 
     def results(self, batch_id: str) -> Iterator[dict]:
         """Output lines then error lines stored so far, each in line order (from the DB)."""
@@ -306,18 +263,36 @@ class BatchStore:
         for is_error in (0, 1):
             yield from (json.loads(s) for s in self._iter_result_text(batch_id, is_error, page))
 
-    def _iter_result_text(self, batch_id: str, is_error: int, page: int = 500) -> Iterator[str]:
+    def result_rows(self, batch_id: str) -> Iterator[tuple[str | None, str, bool]]:
+        """Like ``results`` (the files' order), as ``(custom_id, json_text, is_error)``."""
+        with self._lock:
+            self._row(batch_id)
+        return ((r["custom_id"], r["result"], bool(e)) for e in (0, 1)
+                for r in self._iter_result_text(batch_id, e, rows=True))
+
+    def result_rows_after(self, batch_id: str, after_seq: int = 0,
+                          limit: int = 500) -> list[tuple[int, str | None, str, bool]]:
+        """Results in the order they were stored, ``(seq, custom_id, json_text, is_error)``
+        with ``seq > after_seq``: pass the last seq seen to follow a running batch."""
+        with self._lock:
+            self._row(batch_id)
+            rows = self._db.execute(
+                "SELECT done_seq, custom_id, result, is_error FROM lines WHERE batch_id=? AND done_seq>? "
+                "AND state='done' ORDER BY done_seq LIMIT ?", (batch_id, int(after_seq), int(limit))).fetchall()
+        return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    def _iter_result_text(self, batch_id: str, is_error: int, page: int = 500, rows: bool = False) -> Iterator:
         last = -1
         while True:
             with self._lock:
-                rows = self._db.execute(
-                    "SELECT line_no, result FROM lines WHERE batch_id=? AND is_error=? AND line_no>? "
+                got = self._db.execute(
+                    "SELECT line_no, custom_id, result FROM lines WHERE batch_id=? AND is_error=? AND line_no>? "
                     "AND state='done' ORDER BY line_no LIMIT ?", (batch_id, is_error, last, page)).fetchall()
-            if not rows:
+            if not got:
                 return
-            for r in rows:
-                yield r["result"]
-            last = rows[-1]["line_no"]
+            for r in got:
+                yield r if rows else r["result"]
+            last = got[-1]["line_no"]
 
     # ------------------------------------------------------------------ scheduling
 
@@ -363,10 +338,14 @@ class BatchStore:
             if cid != row["custom_id"]:
                 raise HpcserveError(f"result for batch {batch_id!r} line {line_no} has custom_id "
                                     f"{cid!r}, the line's is {row['custom_id']!r}")
-            db.execute("UPDATE lines SET state='done', is_error=?, result=? WHERE batch_id=? AND "
-                       "line_no=?", (int(bool(is_error)), text, batch_id, line_no))
-            db.execute("UPDATE batches SET completed=completed+?, failed=failed+? WHERE id=?",
-                       (0 if is_error else 1, 1 if is_error else 0, batch_id))
+            seq = db.execute("SELECT COALESCE(MAX(done_seq), 0) + 1 FROM lines WHERE batch_id=?",
+                             (batch_id,)).fetchone()[0]
+            db.execute("UPDATE lines SET state='done', is_error=?, result=?, done_seq=? WHERE batch_id=? "
+                       "AND line_no=?", (int(bool(is_error)), text, seq, batch_id, line_no))
+            prompt, completion = line_usage(line_dict, is_error)
+            db.execute("UPDATE batches SET completed=completed+?, failed=failed+?, input_tokens="
+                       "input_tokens+?, output_tokens=output_tokens+? WHERE id=?",
+                       (0 if is_error else 1, 1 if is_error else 0, prompt, completion, batch_id))
         self._maybe_close(batch_id)
         return True
 

@@ -21,9 +21,10 @@ import os
 from dataclasses import dataclass
 
 from hpcserve.engine.detok import IncrementalDetokenizer
+from hpcserve.engine.frontend import Frontend
 from hpcserve.engine.kv_cache import KVCacheManager
 from hpcserve.engine.outputs import RequestOutput
-from hpcserve.engine.request import Request, RequestStatus, SamplingParams
+from hpcserve.engine.request import PRIORITY_INTERACTIVE, Request, RequestStatus, SamplingParams
 from hpcserve.engine.scheduler import Scheduler
 from hpcserve.errors import ModelError, RequestError
 
@@ -50,7 +51,6 @@ class EngineConfig:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         import torch
-        from transformers import AutoTokenizer
 
         from hpcserve.engine.model_runner import DTYPES, ModelRunner, choose_compute_dtype
         from hpcserve.models.config import load_model_config
@@ -64,13 +64,10 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         self.model_name = "demo" if config.model == "demo" else os.path.basename(os.path.normpath(str(config.model)))
         self.model_config = mc = load_model_config(self.model_dir)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        except Exception as exc:
-            raise ModelError(f"{self.model_dir}: cannot load the tokenizer ({exc})") from exc
-
         self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 8192), mc.max_position_embeddings)
+        self.frontend = Frontend.load(self.model_dir, mc, self.max_model_len, self.model_name)
+        self.tokenizer = self.frontend.tokenizer
+        self.eos_token_ids = self.frontend.eos_token_ids
         bs = config.block_size
         compute = choose_compute_dtype(DTYPES[config.dtype], "cpu", config.compute_dtype)
         num_blocks = config.num_kv_blocks
@@ -89,12 +86,9 @@ class LLMEngine:
             collect_logits=config.collect_logits, compute_dtype=config.compute_dtype,
             attention_backend=config.attention_backend,
         )
+        self.frontend.max_model_len = self.max_model_len
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
-        eos = set(mc.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(sorted(eos))
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (tokens sent, logprobs sent)
         self._aborted: list[Request] = []
@@ -110,44 +104,21 @@ class LLMEngine:
 
     # ------------------------------------------------------------- requests
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages: must be a non-empty list", field="messages")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise RequestError(f"model {self.model_name} has no chat template; use a completion prompt", field="messages")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:
-            raise RequestError(f"messages: cannot apply the chat template ({exc})", field="messages") from exc
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.frontend.apply_chat_template(messages)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError("prompt: must be a string or a list of token ids", field="prompt")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})", field="prompt")
-        return list(prompt)
+        return self.frontend.tokenize(prompt)
 
-    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = PRIORITY_INTERACTIVE) -> Request:
+        """Queue a request. ``priority``: ``PRIORITY_INTERACTIVE`` (0) runs ahead of
+        ``PRIORITY_BATCH`` (1) in every step; see the scheduler."""
         if req_id in self.scheduler.requests:
             raise RequestError(f"request id {req_id!r} is already in use", field="req_id")
         params.validate()
         ids = self.tokenize(prompt)
-        if not ids:
-            raise RequestError("prompt: is empty after tokenization", field="prompt")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt: {len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
-                f"context length of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
-                field="prompt",
-                code="context_length_exceeded",
-            )
-        req = Request(req_id, ids, params, self.eos_token_ids)
+        self.frontend.check_length(len(ids), params)
+        req = Request(req_id, ids, params, self.eos_token_ids, priority=priority)
         self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self._sent[req_id] = (0, 0)
         self.scheduler.add_request(req)

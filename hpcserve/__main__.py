@@ -1,0 +1,5 @@
+"""``python -m hpcserve`` is the ``hpcserve`` command."""
+
+from hpcserve.cli import main
+
+main()

@@ -1,0 +1,287 @@
+"""Worker rank main (``hpcserve worker``): the same program on every rank of the worker step.
+
+The daemon launches the step as one MPI world (``mpiexec -n N hpcserve worker``, or
+``srun`` under Slurm) and passes the spec in the environment, never on the command line
+(the secret would show in ``ps``):
+
+- ``HPCSERVE_WORKER_DAEMON``: host:port of the daemon's WorkerLink service;
+- ``HPCSERVE_WORKER_SECRET``: per-launch secret; a stale rank of an older launch is refused;
+- ``HPCSERVE_WORKER_CONFIG``: JSON of ``engine.core.EngineConfig`` fields.
+
+Rank lifecycle:
+  1. init MPI; an uncaught exception on any rank aborts the whole world (``MPI_Abort``), so
+     the daemon sees one failure and relaunches the step;
+  2. layout: every rank is its own replica today (tensor-parallel size 1), so every rank
+     is a replica leader; ``replica_id == rank``;
+  3. build the ``LLMEngine`` (torch threads = the cores of this node / its ranks, unless set);
+  4. barrier: every rank has loaded the model;
+  5. the leader dials the daemon, sends ``Hello``, waits for ``Welcome``, runs the replica loop;
+  6. exit 0 after ``Shutdown``; exit 3 when the link to the daemon breaks (the daemon died or
+     gave up on this launch).
+
+Replica event loop (``ReplicaLoop.run``), one per leader, as a table of contents::
+
+    recv    drain the link's inbox; block up to REPORT_INTERVAL_S only when the engine is idle
+    admit   AddRequest -> engine.add_request (a rejection is sent back as a finish ERROR output)
+            AbortRequests -> engine.abort_request; Shutdown -> stop admitting (drain) or abort all
+    run     engine.step() when there is work
+    send    StepOutputs with every request that produced tokens or finished
+    report  LoadReport every REPORT_INTERVAL_S, and right after a step that finished requests
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+
+log = logging.getLogger("hpcserve.worker")
+
+REPORT_INTERVAL_S = 0.25
+CONNECT_TIMEOUT_S = 60.0
+EXIT_LINK_LOST = 3
+ENV_DAEMON, ENV_SECRET, ENV_CONFIG = "HPCSERVE_WORKER_DAEMON", "HPCSERVE_WORKER_SECRET", "HPCSERVE_WORKER_CONFIG"
+
+
+class LinkLost(Exception):
+    """The stream to the daemon ended or failed."""
+
+
+class LeaderLink:
+    """Client side of ``WorkerLink.Connect`` on a synchronous gRPC channel: a sender iterator fed
+    from a queue, a reader thread filling ``inbox``. ``recv`` raises ``LinkLost`` at the end."""
+
+    _EOF = object()
+
+    def __init__(self, address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        import grpc
+
+        from hpcserve.api.v1 import worker_pb2_grpc
+
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                               ("grpc.max_send_message_length", 64 << 20)])
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise LinkLost(f"cannot reach the daemon at {address} within {timeout:.0f} s") from None
+        self._out: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()
+        self._call = worker_pb2_grpc.WorkerLinkStub(self.channel).Connect(self._requests())
+        self._reader = threading.Thread(target=self._read, name="link-reader", daemon=True)
+        self._reader.start()
+        self.error: str | None = None
+
+    def _requests(self):
+        while True:
+            msg = self._out.get()
+            if msg is None:
+                return
+            yield msg
+
+    def _read(self) -> None:
+        import grpc
+
+        try:
+            for msg in self._call:
+                self.inbox.put(msg)
+        except grpc.RpcError as exc:  # the daemon went away
+            self.error = exc.details() or str(exc.code())
+        self.inbox.put(self._EOF)
+
+    def send(self, msg) -> None:
+        self._out.put(msg)
+
+    def recv(self, timeout: float | None) -> list:
+        """Every message waiting now; waits up to ``timeout`` for the first (None: don't wait)."""
+        msgs = []
+        try:
+            msgs.append(self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait())
+            while True:
+                msgs.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if any(m is self._EOF for m in msgs):
+            raise LinkLost(self.error or "the daemon closed the link")
+        return msgs
+
+    def close(self) -> None:
+        self._out.put(None)
+        self.channel.close()
+
+
+class ReplicaLoop:
+    """Drives one replica's ``LLMEngine`` from the daemon's messages; see the module docstring."""
+
+    def __init__(self, engine, link: LeaderLink, pending: list | None = None) -> None:
+        self.engine = engine
+        self.link = link
+        self._pending = list(pending or [])  # messages that arrived together with Welcome
+        self.step_times: collections.deque[float] = collections.deque(maxlen=32)
+        self.num_steps = 0
+        self.draining = False
+        self._last_report = 0.0
+
+    def run(self) -> None:
+        from hpcserve.api.v1 import worker_pb2 as wpb
+
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            msgs = self._pending + self.link.recv(None if busy or self._pending else REPORT_INTERVAL_S)  # recv
+            self._pending = []
+            out = wpb.StepOutputs()
+            for m in msgs:                                                       # admit
+                if not self._handle(m, out):
+                    self._send_outputs(out)
+                    return
+            if self.engine.has_unfinished_requests():                            # run
+                t0 = time.perf_counter()
+                for o in self.engine.step():
+                    out.outputs.append(self._to_proto(o))
+                self.step_times.append(time.perf_counter() - t0)
+                self.num_steps += 1
+            finished = self._send_outputs(out)                                   # send
+            if finished or time.monotonic() - self._last_report >= REPORT_INTERVAL_S:
+                self._report()                                                   # report
+            if self.draining and not self.engine.has_unfinished_requests():
+                self._report()
+                return
+
+    def _handle(self, m, out) -> bool:
+        """Apply one daemon message; False means stop the loop now."""
+        from hpcserve.api.convert import sampling_from_proto
+        from hpcserve.api.v1 import serving_pb2 as pb
+        from hpcserve.engine.request import PRIORITY_BATCH, PRIORITY_INTERACTIVE
+        from hpcserve.errors import RequestError
+
+        kind = m.WhichOneof("kind")
+        if kind == "add_request":
+            a = m.add_request
+            prio = PRIORITY_BATCH if a.request_class == pb.REQUEST_CLASS_BATCH else PRIORITY_INTERACTIVE
+            try:
+                if self.draining:
+                    raise RequestError("the replica is shutting down", code="unavailable")
+                params = sampling_from_proto(a.sampling_params, default_max_tokens=16)
+                self.engine.add_request(a.request_id, list(a.prompt_token_ids), params, priority=prio)
+            except RequestError as exc:
+                out.outputs.add(request_id=a.request_id, is_finished=True, finish_reason=pb.FINISH_REASON_ERROR,
+                                error_code=exc.code, error_message=str(exc))
+        elif kind == "abort_requests":
+            for rid in m.abort_requests.request_ids:
+                self.engine.abort_request(rid)
+        elif kind == "shutdown":
+            self.draining = True
+            if not m.shutdown.drain:
+                for rid in list(self.engine.scheduler.requests):
+                    self.engine.abort_request(rid)
+                for o in self.engine.step() if self.engine.has_unfinished_requests() else []:
+                    out.outputs.append(self._to_proto(o))
+                return False
+        return True
+
+    def _to_proto(self, o):
+        from hpcserve.api.convert import finish_reason_to_proto, logprobs_to_proto
+        from hpcserve.api.v1 import worker_pb2 as wpb
+
+        return wpb.RequestStepOutput(
+            request_id=o.req_id, new_token_ids=o.new_token_ids, new_text=o.new_text,
+            new_logprobs=logprobs_to_proto(o.new_logprobs), is_finished=o.finished,
+            finish_reason=finish_reason_to_proto(o.finish_reason) if o.finished else 0,
+            num_cached_tokens=o.num_cached_tokens,
+        )
+
+    def _send_outputs(self, out) -> bool:
+        from hpcserve.api.v1 import worker_pb2 as wpb
+
+        if not out.outputs:
+            return False
+        self.link.send(wpb.WorkerMessage(step_outputs=out))
+        return any(o.is_finished for o in out.outputs)
+
+    def _report(self) -> None:
+        from hpcserve.api.v1 import worker_pb2 as wpb
+
+        sched = self.engine.scheduler
+        recent = sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+        self.link.send(wpb.WorkerMessage(load_report=wpb.LoadReport(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            num_free_kv_blocks=self.engine.kv.num_free_blocks, num_kv_blocks=self.engine.kv.num_blocks,
+            recent_step_time_s=recent, num_preemptions=sched.num_preemptions, num_steps=self.num_steps)))
+        self._last_report = time.monotonic()
+
+
+def _local_ranks(world) -> int:
+    from mpi4py import MPI
+
+    node = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def main() -> int:
+    """Entry point of ``hpcserve worker``; returns the exit code."""
+    from hpcserve.cluster.comm import abort_on_exception, init_mpi
+
+    world = init_mpi()
+    abort_on_exception(world)
+    logging.basicConfig(level=os.environ.get("HPCSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s {world.tag}%(levelname)s %(message)s")
+    missing = [k for k in (ENV_DAEMON, ENV_SECRET, ENV_CONFIG) if not os.environ.get(k)]
+    if missing:
+        print(f"hpcserve worker: error: {', '.join(missing)} not set; workers are started by "
+              "`hpcserve serve`, not by hand", file=sys.stderr)
+        return 2
+    fields = json.loads(os.environ[ENV_CONFIG])
+    if not fields.get("num_threads"):
+        fields["num_threads"] = max(1, _cores() // _local_ranks(world))
+
+    from hpcserve.engine.core import EngineConfig, LLMEngine
+
+    t0 = time.monotonic()
+    engine = LLMEngine(EngineConfig(**fields))
+    log.info("model loaded in %.1f s (%d KV blocks, max_model_len %d, %d threads)", time.monotonic() - t0,
+             engine.kv.num_blocks, engine.max_model_len, fields["num_threads"])
+    world.comm.Barrier()
+    return _serve(world, engine)
+
+
+def _serve(world, engine) -> int:
+    from hpcserve.api.v1 import serving_pb2 as pb
+    from hpcserve.api.v1 import worker_pb2 as wpb
+
+    try:
+        link = LeaderLink(os.environ[ENV_DAEMON])
+    except LinkLost as exc:
+        log.error("%s", exc)
+        return EXIT_LINK_LOST
+    link.send(wpb.WorkerMessage(hello=wpb.Hello(
+        rank=world.rank, replica_id=world.rank, role=pb.REPLICA_ROLE_MIXED, world_size=world.size,
+        secret=os.environ[ENV_SECRET], hostname=socket.gethostname(), pid=os.getpid(),
+        max_model_len=engine.max_model_len, num_kv_blocks=engine.kv.num_blocks,
+        block_size=engine.kv.block_size, num_ranks=1)))
+    try:
+        first = link.recv(CONNECT_TIMEOUT_S)
+        if not first or first[0].WhichOneof("kind") != "welcome":
+            log.error("the daemon did not welcome this replica")
+            return EXIT_LINK_LOST
+        ReplicaLoop(engine, link, pending=first[1:]).run()
+    except LinkLost as exc:
+        log.warning("link to the daemon lost (%s); exiting", exc)
+        return EXIT_LINK_LOST
+    finally:
+        link.close()
+    return 0

@@ -1,0 +1,55 @@
+"""``hpcserve serve`` (the control daemon) and ``hpcserve worker`` (one rank of its worker step)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from hpcserve.errors import HpcserveError
+
+
+@click.command()
+@click.option("--model", metavar="PATH|demo", help='Model to serve: "demo" (SmolLM2-135M-Instruct, built in), '
+              "an HF-layout directory or a .gguf file. [config: model.path]")
+@click.option("--ranks", type=click.IntRange(min=1), help="MPI ranks in the worker step; each rank is one "
+              "replica today. [config: daemon.ranks; default 1]")
+@click.option("--listen", metavar="HOST:PORT", help="gRPC address; 127.0.0.1:0 picks a free port. "
+              "[config: daemon.listen; default 127.0.0.1:50051]")
+@click.option("--state-dir", metavar="DIR", help="Batch store, endpoint file and logs. "
+              "[env HPCSERVE_STATE_DIR; config: daemon.state-dir; default ~/.hpcserve]")
+@click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Site config TOML (see site-configs/ and docs/config.md).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="INFO", show_default=True)
+def serve(model, ranks, listen, state_dir, config_path, log_level):
+    """Run the control daemon: serve chats and batch jobs from one set of worker ranks.
+
+    The daemon launches the workers as one MPI world (`mpiexec -n RANKS hpcserve worker`,
+    the venv's mpiexec), relaunches them if they die, keeps batch jobs in a SQLite store in the
+    state dir, and writes STATE_DIR/endpoint.json so that `hpcserve chat|submit|status` find it.
+    Stop it with SIGTERM or Ctrl-C: chats get drain-timeout-s to finish, unfinished batch lines
+    resume on the next start.
+    """
+    from hpcserve.config import load_config
+    from hpcserve.daemon.server import serve as run_daemon
+
+    cfg = load_config(config_path, overrides={"model.path": model, "daemon.ranks": ranks,
+                                              "daemon.listen": listen, "daemon.state-dir": state_dir})
+    mpiexec = cfg.daemon.mpiexec_path
+    if not Path(mpiexec).is_file():
+        raise HpcserveError(f"mpiexec not found at {mpiexec}: install an MPI (`pip install mpich` in this venv) "
+                            "or set [daemon] mpiexec in the site config")
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s hpcserve %(levelname)s %(message)s")
+    sys.exit(run_daemon(cfg))
+
+
+@click.command(hidden=True)
+def worker():
+    """(Internal) one rank of the worker step; started by `hpcserve serve` under mpiexec/srun."""
+    from hpcserve.cluster.worker import main
+
+    sys.exit(main())

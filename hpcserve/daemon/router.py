@@ -1,0 +1,294 @@
+"""Router: the daemon's global scheduler. Admission, replica choice, the in-flight table and
+batch feeding. No torch; runs on the daemon's event loop.
+
+Interfaces
+- Servicer: ``await wait_ready(timeout)``, ``submit(req_id, ids, params, request_class) ->
+  Inflight`` (then ``async for item in inflight.events()``), ``abort(req_id)``.
+- ``WorkerPool`` callbacks: ``on_ready()``, ``on_outputs(replica, StepOutputs)``, ``on_lost(reason)``.
+- Batch feeding: ``run_feeder()`` (a task), ``wake()`` after a submit or cancel.
+- Shutdown: ``stop_feeding()``, ``await drain(timeout)``, ``abort_all(reason)``.
+
+Lifecycle of an in-flight request::
+
+    submit/feed ──AddRequest──► replica ──StepOutputs…──► finished: removed
+                                   │                      (batch: result recorded in the store)
+                                   ├─ abort(): AbortRequests; removed when the abort output comes
+                                   └─ launch lost: chat → UNAVAILABLE on its stream;
+                                                   batch → line requeued in the store
+
+Scheduling baseline: chat goes to the replica with the fewest interactive requests in flight
+(then fewest in total, then most free KV blocks); batch lines are claimed from the store only
+up to ``batch_watermark`` in flight per replica, so chat never waits behind a deep backlog,
+and each replica's step scheduler runs interactive requests ahead of batch ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from hpcserve.api.convert import logprobs_from_proto, sampling_to_proto
+from hpcserve.api.v1 import serving_pb2 as pb
+from hpcserve.api.v1 import worker_pb2 as wpb
+from hpcserve.batch.openai_format import BatchLineError, build_error_line, build_output_line
+from hpcserve.batch.runner import prepare_item
+from hpcserve.engine.outputs import RequestOutput
+from hpcserve.engine.request import SamplingParams
+from hpcserve.errors import RequestError
+
+log = logging.getLogger("hpcserve.daemon")
+
+FEED_POLL_S = 0.5
+EXPIRY_CHECK_S = 30.0
+
+
+@dataclass
+class StreamError:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass
+class Inflight:
+    req_id: str
+    replica: object  # workers.Replica
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_class: int
+    queue: asyncio.Queue | None = None  # chat: RequestStepOutput | StreamError items
+    line: object = None  # batch: batches.ClaimedLine
+    item: object = None  # batch: openai_format.BatchItem
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    num_cached_tokens: int = 0
+    is_aborting: bool = False
+
+    async def events(self):
+        """Chat: the replica's outputs for this request until it finishes; a ``StreamError`` ends it."""
+        while True:
+            item = await self.queue.get()
+            yield item
+            if isinstance(item, StreamError) or item.is_finished:
+                return
+
+
+class Router:
+    def __init__(self, frontend, store, model_name: str, batch_watermark: int) -> None:
+        self.frontend = frontend
+        self.store = store
+        self.model_name = model_name
+        self.batch_watermark = batch_watermark
+        self.pool = None  # set by the server once the WorkerPool exists
+        self.inflight: dict[str, Inflight] = {}
+        self._ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._feeding = True
+        self._tasks: set[asyncio.Task] = set()  # pending store writes
+        self._last_expiry_check = 0.0
+
+    # ------------------------------------------------------------------ readiness
+    async def wait_ready(self, timeout: float) -> bool:
+        if self._ready.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    def on_ready(self) -> None:
+        lens = [r.hello.max_model_len for r in self.pool.replicas.values()]
+        if lens:
+            self.frontend.max_model_len = min(lens)
+        self._ready.set()
+        self.wake()
+
+    def on_lost(self, reason: str) -> None:
+        self._ready.clear()
+        msg = (f"the worker ranks failed ({reason}); hpcserve is relaunching them: retry the request "
+               "in a few seconds")
+        if self.inflight:
+            log.warning("%d in-flight request(s) dropped: %s", len(self.inflight), reason)
+        for inf in list(self.inflight.values()):
+            self._drop(inf)
+            if inf.queue is not None:
+                inf.queue.put_nowait(StreamError(grpc.StatusCode.UNAVAILABLE, msg))
+            else:
+                self._spawn_write(self._requeue(inf))
+
+    # ------------------------------------------------------------------ chat
+    def pick_replica(self):
+        reps = list(self.pool.replicas.values())
+        return min(reps, key=lambda r: (r.num_inflight - r.num_inflight_batch, r.num_inflight,
+                                        -r.load.num_free_kv_blocks, r.replica_id))
+
+    def submit(self, req_id: str | None, ids: list[int], params: SamplingParams, request_class: int) -> Inflight:
+        if not self.is_ready:
+            raise RequestError("the worker ranks are not ready (starting or relaunching); retry shortly",
+                               code="unavailable")
+        req_id = req_id or f"req-{uuid.uuid4().hex}"
+        if req_id in self.inflight:
+            raise RequestError(f"request_id: {req_id!r} is already in flight; use a unique id",
+                               field="request_id", code="already_exists")
+        inf = Inflight(req_id, self.pick_replica(), ids, params, request_class, queue=asyncio.Queue())
+        self._send(inf)
+        return inf
+
+    def abort(self, req_id: str) -> bool:
+        inf = self.inflight.get(req_id)
+        if inf is None or inf.is_aborting:
+            return False
+        inf.is_aborting = True
+        inf.replica.send(wpb.DaemonMessage(abort_requests=wpb.AbortRequests(request_ids=[req_id])))
+        return True
+
+    def _send(self, inf: Inflight) -> None:
+        self.inflight[inf.req_id] = inf
+        inf.replica.num_inflight += 1
+        if inf.line is not None:
+            inf.replica.num_inflight_batch += 1
+        inf.replica.send(wpb.DaemonMessage(add_request=wpb.AddRequest(
+            request_id=inf.req_id, prompt_token_ids=inf.prompt_ids, sampling_params=sampling_to_proto(inf.params),
+            request_class=inf.request_class, eos_token_ids=self.frontend.eos_token_ids)))
+
+    def _drop(self, inf: Inflight) -> None:
+        if self.inflight.pop(inf.req_id, None) is not None:
+            inf.replica.num_inflight -= 1
+            if inf.line is not None:
+                inf.replica.num_inflight_batch -= 1
+
+    # ------------------------------------------------------------------ outputs
+    def on_outputs(self, replica, outs: wpb.StepOutputs) -> None:
+        for o in outs.outputs:
+            inf = self.inflight.get(o.request_id)
+            if inf is None or inf.replica is not replica:
+                continue
+            inf.token_ids.extend(o.new_token_ids)
+            inf.text.append(o.new_text)
+            if o.new_logprobs:
+                inf.logprobs.extend(logprobs_from_proto(o.new_logprobs))
+            if o.num_cached_tokens:
+                inf.num_cached_tokens = o.num_cached_tokens
+            if o.is_finished:
+                self._drop(inf)
+            if inf.queue is not None:
+                inf.queue.put_nowait(o)
+            elif o.is_finished:
+                self._spawn_write(self._finish_line(inf, o))
+                self.wake()
+
+    async def _finish_line(self, inf: Inflight, o) -> None:
+        line = inf.line
+        if o.finish_reason == pb.FINISH_REASON_ABORT:
+            await self._requeue(inf)  # cancelled batch or shutdown: the line is not done
+            return
+        if o.finish_reason == pb.FINISH_REASON_ERROR:
+            code = o.error_code if o.error_code else "server_error"
+            result, is_error = build_error_line(inf.item.custom_id, line.line_no, code, o.error_message), True
+        else:
+            reason = "stop" if o.finish_reason == pb.FINISH_REASON_STOP else "length"
+            out = RequestOutput(req_id=inf.req_id, prompt_token_ids=inf.prompt_ids, token_ids=inf.token_ids,
+                                text="".join(inf.text), new_token_ids=[], new_text="", finished=True,
+                                finish_reason=reason, num_cached_tokens=inf.num_cached_tokens,
+                                logprobs=inf.logprobs if inf.params.logprobs is not None else None)
+            result = build_output_line(inf.item, out, self.model_name, int(time.time()), self.frontend.decode_token)
+            is_error = False
+        await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, result, is_error)
+
+    async def _requeue(self, inf: Inflight) -> None:
+        await asyncio.to_thread(self.store.requeue, inf.line.batch_id, inf.line.line_no)
+
+    def _spawn_write(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._write_done)
+
+    def _write_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch store write failed: %r", task.exception())
+
+    # ------------------------------------------------------------------ batch feeding
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop_feeding(self) -> None:
+        self._feeding = False
+
+    async def run_feeder(self) -> None:
+        while self._feeding:
+            try:
+                await self._feed_once()
+            except Exception:
+                log.exception("batch feeder step failed; retrying")
+            try:
+                await asyncio.wait_for(self._wake.wait(), FEED_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _feed_once(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry_check >= EXPIRY_CHECK_S:
+            self._last_expiry_check = now
+            await asyncio.to_thread(self.store.check_expired)
+        await self._abort_cancelled()
+        if not self.is_ready or not self._feeding:
+            return
+        room = sum(max(0, self.batch_watermark - r.num_inflight_batch) for r in self.pool.replicas.values())
+        if room <= 0:
+            return
+        for line in await asyncio.to_thread(self.store.claim_lines, room):
+            if not self.is_ready:  # lost while we were claiming: give the line back
+                await asyncio.to_thread(self.store.requeue, line.batch_id, line.line_no)
+                continue
+            try:
+                item = line.parse()
+                ids, params = prepare_item(self.frontend, item)
+                try:
+                    self.frontend.check_length(len(ids), params)
+                except RequestError as exc:
+                    raise BatchLineError(line.line_no, item.custom_id, exc.code, str(exc)) from None
+            except BatchLineError as exc:
+                err = build_error_line(exc.custom_id, exc.line_no, exc.code, exc.message)
+                await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, err, True)
+                continue
+            replica = max(self.pool.replicas.values(),
+                          key=lambda r: (self.batch_watermark - r.num_inflight_batch, -r.replica_id))
+            req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
+            self._send(Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item))
+
+    async def _abort_cancelled(self) -> None:
+        batch_ids = {inf.line.batch_id for inf in self.inflight.values() if inf.line is not None}
+        for bid in batch_ids:
+            status = (await asyncio.to_thread(self.store.get_batch, bid))["status"]
+            if status in ("cancelling", "cancelled", "expired"):
+                for inf in list(self.inflight.values()):
+                    if inf.line is not None and inf.line.batch_id == bid:
+                        self.abort(inf.req_id)
+
+    # ------------------------------------------------------------------ shutdown
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is in flight (or ``timeout``); True if drained."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.inflight
+
+    def abort_all(self) -> None:
+        for req_id in list(self.inflight):
+            self.abort(req_id)
+
+    async def flush_writes(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,202 @@
+"""Process main of the control daemon (``hpcserve serve``). No torch in this process.
+
+Lifecycle (``serve(config) -> exit code``, one asyncio event loop)::
+
+    start   lock the state dir, open the batch store and recover it (running lines → pending,
+            files of closing batches rewritten), resolve the model (the demo is converted once)
+            and load its tokenizer
+    listen  one grpc.aio server: Serving (token auth), WorkerLink, grpc.health.v1, reflection;
+            endpoint.json (address, token; 0600) written once the port is bound
+    run     WorkerPool task (launch, watch, relaunch the MPI worker step) and the router's
+            batch feeder; health is SERVING while the workers are ready
+    stop    on SIGTERM/SIGINT: endpoint marked draining, health NOT_SERVING, new streams refused,
+            batch lines aborted and requeued at once (they resume on the next start), chats
+            get ``drain_timeout_s`` to finish; then the workers are shut down, pending store
+            writes flushed, the endpoint file removed; exit 0. A second signal skips the wait.
+            If the worker step cannot be kept alive (``WorkerPool.fatal``) the daemon stops the
+            same way and exits 1.
+
+A SIGKILL at any point loses nothing: the batch store is the only durable state, and the
+next start recovers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+from dataclasses import asdict
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hpcserve.api.v1 import serving_pb2, serving_pb2_grpc, worker_pb2_grpc
+from hpcserve.errors import HpcserveError
+
+log = logging.getLogger("hpcserve.daemon")
+
+SERVICE = "hpcserve.api.v1.Serving"
+
+
+def _public_host(host: str) -> str:
+    """An address clients and workers can dial for a listen host ("0.0.0.0" → this node)."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        return socket.gethostname() if os.environ.get("SLURM_JOB_ID") else "127.0.0.1"
+    return host
+
+
+def _allocation():
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    nodes = os.environ.get("SLURM_JOB_NODELIST", "")
+    return serving_pb2.Allocation(job_id=job, nodes=[nodes] if nodes else [])
+
+
+def serve(config) -> int:
+    """Run the daemon until a signal (exit 0) or an unrecoverable worker failure (exit 1)."""
+    return asyncio.run(_Daemon(config).run())
+
+
+class _Daemon:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.stop_requested = asyncio.Event()
+        self.signals = 0
+
+    async def run(self) -> int:
+        from hpcserve.api.auth import TokenAuthInterceptor
+        from hpcserve.api.batch_api import BatchApi
+        from hpcserve.api.servicer import ServingServicer
+        from hpcserve.daemon.batches import BatchStore
+        from hpcserve.daemon.endpoint import write_endpoint
+        from hpcserve.daemon.router import Router
+        from hpcserve.daemon.workers import WorkerPool
+
+        cfg = self.config
+        state = cfg.daemon.state_path
+        state.mkdir(parents=True, exist_ok=True)
+        store = BatchStore(state)
+        store.recover()
+        engine_fields = asdict(cfg.engine_config())
+        frontend, model_name, model_dir = await asyncio.to_thread(_load_frontend, engine_fields)
+        engine_fields["model"] = str(model_dir)  # workers load the resolved directory
+        token = secrets.token_urlsafe(24)
+
+        router = Router(frontend, store, model_name, batch_watermark=cfg.engine.max_num_seqs)
+        server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=[
+            ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        host, port = cfg.daemon.host_port
+        try:
+            bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise HpcserveError(f"cannot listen on {cfg.daemon.listen} (in use, or not an address of this "
+                                "host); set --listen HOST:PORT, e.g. 127.0.0.1:0 for any free port")
+        address = f"{_public_host(host)}:{bound}"
+        pool = WorkerPool(
+            num_ranks=cfg.daemon.ranks, mpiexec=cfg.daemon.mpiexec_path, engine_fields=engine_fields,
+            link_address=address, log_dir=state / "logs", restart_limit=cfg.daemon.worker_restart_limit,
+            start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router)
+        router.pool = pool
+        servicer = ServingServicer(
+            router=router, frontend=frontend, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
+            model_name=model_name, model_path=cfg.model.path, num_ranks=cfg.daemon.ranks, state_dir=str(state),
+            allocation=_allocation)
+        serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
+        worker_pb2_grpc.add_WorkerLinkServicer_to_server(pool, server)
+        health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name, reflection.SERVICE_NAME,
+                 health.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        await self._set_health(health_servicer, False)
+        await server.start()
+        write_endpoint(state, address, token)
+        log.info("hpcserve daemon listening on %s (state dir %s); launching %d worker rank(s) with %s",
+                 address, state, cfg.daemon.ranks, cfg.daemon.mpiexec_path)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        pool_task = asyncio.create_task(pool.run())
+        feeder = asyncio.create_task(router.run_feeder())
+        health_task = asyncio.create_task(self._track_health(health_servicer, router))
+        stop_wait = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait([pool_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 1 if pool.fatal else 0
+
+        # ---- graceful stop
+        log.info("stopping: draining in-flight work")
+        from hpcserve.daemon.endpoint import mark_draining, remove_endpoint
+
+        mark_draining(state)
+        servicer.draining = True
+        health_task.cancel()
+        await self._set_health(health_servicer, False)
+        router.stop_feeding()
+        feeder.cancel()
+        for inf in list(router.inflight.values()):
+            if inf.line is not None:
+                router.abort(inf.req_id)  # checkpoint: the line goes back to pending
+        drained = await router.drain(0 if self.signals > 1 else cfg.daemon.drain_timeout_s)
+        if not drained:
+            router.abort_all()
+            drained = await router.drain(5.0)
+        if not drained:
+            router.on_lost("the daemon is shutting down")
+        await router.flush_writes()
+        await pool.stop()
+        pool_task.cancel()
+        await asyncio.gather(pool_task, feeder, return_exceptions=True)
+        await router.flush_writes()
+        await server.stop(grace=1.0)
+        remove_endpoint(state)
+        store.close()
+        if pool.fatal:
+            log.error("%s", pool.fatal)
+        log.info("stopped")
+        return exit_code
+
+    def _on_signal(self) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.info("signal received: shutting down gracefully (send it again to skip the drain)")
+        self.stop_requested.set()
+
+    @staticmethod
+    async def _set_health(servicer, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            res = servicer.set(name, status)
+            if asyncio.iscoroutine(res):
+                await res
+
+    async def _track_health(self, servicer, router) -> None:
+        last = None
+        while True:
+            ready = router.is_ready
+            if ready != last:
+                await self._set_health(servicer, ready)
+                last = ready
+            await asyncio.sleep(0.2)
+
+
+def _load_frontend(engine_fields: dict):
+    """Resolve the model (converting the demo GGUF once) and load its tokenizer."""
+    from hpcserve.engine.frontend import Frontend
+    from hpcserve.models.config import load_model_config
+    from hpcserve.models.loader import resolve_model
+
+    model = engine_fields["model"]
+    model_dir = resolve_model(model)
+    name = "demo" if model == "demo" else os.path.basename(os.path.normpath(str(model)))
+    mc = load_model_config(model_dir)
+    max_len = min(engine_fields.get("max_model_len") or min(mc.max_position_embeddings, 8192),
+                  mc.max_position_embeddings)
+    return Frontend.load(model_dir, mc, max_len, name), name, model_dir
