@@ -243,3 +243,48 @@ def test_cli_against_the_daemon(daemon, tiny_model_factory, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cli(daemon, "status")
     assert r.returncode == 0 and "ready" in r.stdout and batch_id[:16] in r.stdout
+
+
+def test_complete_abort_stop_and_logprobs(daemon, tiny_model_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_factory("llama")))
+    ids = tok.encode("Once upon a time")
+    # token-id prompt and text prompt give the same greedy continuation
+    by_ids = pb.CompletionRequest(prompt_token_ids=pb.TokenIds(ids=ids),
+                                  sampling_params=pb.SamplingParams(max_tokens=10, temperature=0, logprobs=2))
+    by_text = pb.CompletionRequest(prompt_text="Once upon a time",
+                                   sampling_params=pb.SamplingParams(max_tokens=10, temperature=0))
+    a = list(daemon.stub.Complete(by_ids, metadata=daemon.md, timeout=60))
+    b = list(daemon.stub.Complete(by_text, metadata=daemon.md, timeout=60))
+    toks_a = [t for c in a for t in c.token_ids]
+    assert toks_a == [t for c in b for t in c.token_ids] and len(toks_a) >= 1
+    lps = [lp for c in a for lp in c.logprobs]
+    assert [lp.token_id for lp in lps] == toks_a
+    assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob and lp.logprob <= 0 for lp in lps)
+    assert "".join(c.text for c in a) == tok.decode(toks_a)
+
+    # a stop string cuts the text and ends the stream with STOP
+    text = "".join(c.text for c in b)
+    if len(text) > 3:
+        stop = text[2:4]
+        req = pb.CompletionRequest(prompt_text="Once upon a time", sampling_params=pb.SamplingParams(
+            max_tokens=10, temperature=0, stop=[stop]))
+        chunks = list(daemon.stub.Complete(req, metadata=daemon.md, timeout=60))
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+        assert "".join(c.text for c in chunks) == text[:text.index(stop)]
+
+    # Abort by request id ends the stream with ABORT
+    req = pb.CompletionRequest(prompt_text="abc", request_id="abort-me", sampling_params=pb.SamplingParams(
+        max_tokens=400, temperature=0, ignore_eos=True))
+    call = daemon.stub.Complete(req, metadata=daemon.md, timeout=60)
+    first = next(iter(call))
+    assert first.request_id == "abort-me"
+    assert daemon.stub.Abort(pb.AbortRequest(request_id="abort-me"), metadata=daemon.md).is_aborted
+    rest = list(call)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
+    assert not daemon.stub.Abort(pb.AbortRequest(request_id="abort-me"), metadata=daemon.md).is_aborted
+    bad = pb.CompletionRequest(prompt_token_ids=pb.TokenIds(ids=[10**6]))
+    with pytest.raises(grpc.RpcError) as e:
+        list(daemon.stub.Complete(bad, metadata=daemon.md))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in e.value.details()

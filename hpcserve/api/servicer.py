@@ -17,6 +17,7 @@ Batch RPCs are delegated to ``api.batch_api.BatchApi``; submits and cancels wake
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -154,7 +155,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             is_ready=self.router.is_ready and not self.draining,
             max_model_len=self.frontend.max_model_len if self.router.is_ready else 0,
             num_worker_restarts=pool.num_restarts if pool else 0, state_dir=self.state_dir)
-        alloc = self.allocation() if self.allocation else None
+        alloc = await asyncio.to_thread(self.allocation) if self.allocation else None  # may run squeue
         if alloc is not None:
             info.allocation.CopyFrom(alloc)
         return info

@@ -49,12 +49,21 @@ def _public_host(host: str) -> str:
     return host
 
 
-def _allocation():
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
+def _allocation_info():
+    """A callable giving ``GetServerInfo``'s Allocation (None outside Slurm)."""
+    from hpcserve.slurm.env import Allocation, AllocationWatcher
+
+    alloc = Allocation.from_env()
+    if alloc is None:
         return None
-    nodes = os.environ.get("SLURM_JOB_NODELIST", "")
-    return serving_pb2.Allocation(job_id=job, nodes=[nodes] if nodes else [])
+    watcher = AllocationWatcher(alloc)
+
+    def info():
+        end = watcher.end_time()  # squeue at most once a minute
+        left = watcher.seconds_left()
+        return serving_pb2.Allocation(job_id=alloc.job_id, nodes=alloc.nodes, end_time=int(end or 0),
+                                      seconds_left=int(left or 0))
+    return info
 
 
 def serve(config) -> int:
@@ -107,7 +116,7 @@ class _Daemon:
         servicer = ServingServicer(
             router=router, frontend=frontend, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
             model_name=model_name, model_path=cfg.model.path, num_ranks=cfg.daemon.ranks, state_dir=str(state),
-            allocation=_allocation)
+            allocation=_allocation_info())
         serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
         worker_pb2_grpc.add_WorkerLinkServicer_to_server(pool, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -1,0 +1,1 @@
+"""Slurm integration: the allocation the daemon runs in (env.py). No torch."""
