@@ -172,6 +172,12 @@ class DaemonSection(_Section):
     worker_restart_limit: int = _opt(5, "Failed worker-step launches in a row before the daemon gives up "
                                         "(a launch that served 60 s resets the count).")
     worker_start_timeout_s: float = _opt(600.0, "Seconds the worker ranks get to load the model and connect.")
+    dedicated_chat_replicas: int = _opt(0, "0: every replica serves chat and batch (shared). k > 0: replicas 0..k-1 "
+                                           "serve only chat and the rest only batch (a dedicated split).")
+    batch_watermark: int | None = _opt(None, "Most batch lines in flight per replica (default: engine.max-num-seqs); "
+                                             "keeps each replica's batch backlog shallow.", example=32)
+    chat_kv_reserve: float = _opt(0.1, "Fraction of each replica's KV cache that batch lines may not claim, kept "
+                                       "free for chat.")
     drain_timeout_s: float = _opt(30.0, "On SIGTERM/SIGINT: seconds in-flight chats get to finish (batch lines "
                                         "are checkpointed at once and resume on the next start).")
 
@@ -185,7 +191,18 @@ class DaemonSection(_Section):
         if self.mpiexec is not None and not self.mpiexec.strip():
             out.append(("mpiexec", "is empty; remove the key to use the venv's mpiexec, or give a path"))
         return (out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
-                + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0))
+                + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0)
+                + _at_least(self, "dedicated_chat_replicas", 0) + _at_least(self, "batch_watermark", 1)
+                + self._split_problems())
+
+    def _split_problems(self):
+        out = []
+        if self.dedicated_chat_replicas and self.dedicated_chat_replicas >= self.ranks:
+            out.append(("dedicated_chat_replicas", f"must be below ranks ({self.ranks}) so that some replica "
+                        f"serves batch, got {self.dedicated_chat_replicas}; use 0 to share every replica"))
+        if not 0 <= self.chat_kv_reserve < 1:
+            out.append(("chat_kv_reserve", f"must be in [0, 1), got {self.chat_kv_reserve!r}"))
+        return out
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -207,11 +224,14 @@ class SloSection(_Section):
     TABLE = "slo"
     chat_ttft_p99_s: float = _opt(1.0, "Chat target: 99th-percentile time to first token, seconds.")
     chat_itl_p99_s: float = _opt(0.2, "Chat target: 99th-percentile inter-token latency, seconds.")
+    batch_step_slowdown: float = _opt(0.2, "Batch work may make an engine step that carries chat tokens at most "
+                                           "this fraction slower (predicted by the online step-time model).")
     batch_completion_window: str = _opt("24h", 'Batch target: finish a batch within this window ("90m", "24h", "2d"; '
                                                'units s m h d).')
 
     def _problems(self):
-        out = _at_least(self, "chat_ttft_p99_s", 0, strict=True) + _at_least(self, "chat_itl_p99_s", 0, strict=True)
+        out = (_at_least(self, "chat_ttft_p99_s", 0, strict=True) + _at_least(self, "chat_itl_p99_s", 0, strict=True)
+               + _at_least(self, "batch_step_slowdown", 0))
         if _window_seconds(self.batch_completion_window) is None:
             out.append(("batch_completion_window", ('expected a positive number and a unit s|m|h|d like "24h", '
                                                     f"got {self.batch_completion_window!r}")))

@@ -183,9 +183,10 @@ def test_claim_order_list_and_persistence(tmp_path, store):
     slow = store.create_batch(path, tenant="a")
     urgent = simple_batch(store, 2, completion_window="1h", tenant="b")
     third = simple_batch(store, 1, tenant="a")
+    # earliest deadline first; slow and third share a deadline bucket, so they take turns
     assert [(c.batch_id, c.line_no) for c in store.claim_lines(4)] == [
-        (urgent["id"], 1), (urgent["id"], 2), (slow["id"], 1), (slow["id"], 2)]
-    assert [c.custom_id for c in store.claim_lines(5, batch_id=third["id"])] == ["r0"]
+        (urgent["id"], 1), (urgent["id"], 2), (slow["id"], 1), (third["id"], 1)]
+    assert [c.custom_id for c in store.claim_lines(5, batch_id=slow["id"])] == ["x2"]
     assert [x["id"] for x in store.list_batches()] == [third["id"], urgent["id"], slow["id"]]
     assert [x["id"] for x in store.list_batches(limit=1, after=third["id"])] == [urgent["id"]]
     assert [x["id"] for x in store.list_batches(tenant="a")] == [third["id"], slow["id"]]
@@ -370,3 +371,17 @@ def test_usage_input_file_and_result_order(tmp_path, store):
     b2 = store.create_batch(path)
     assert b2["input_file"] == str(path.absolute())
     assert [(s, e) for s, _, _, e in store.result_rows_after(b2["id"])] == [(1, True)]
+
+
+def test_claims_are_fair_between_equal_deadlines(store):
+    a = simple_batch(store, 6)
+    b = simple_batch(store, 6)
+    first = store.claim_lines(2, batch_id=a["id"])  # a is ahead by two lines
+    assert len(first) == 2
+    order = [c.batch_id for c in store.claim_lines(6)]
+    assert order == [b["id"], b["id"], a["id"], b["id"], a["id"], b["id"]]
+    for c in first:  # done lines count as served too
+        assert store.record_result(c.batch_id, c.line_no, {"custom_id": c.custom_id, "response": None,
+                                                           "error": None}, False)
+    c = simple_batch(store, 3)
+    assert [x.batch_id for x in store.claim_lines(2)] == [c["id"], c["id"]]

@@ -288,3 +288,26 @@ def test_complete_abort_stop_and_logprobs(daemon, tiny_model_factory):
     with pytest.raises(grpc.RpcError) as e:
         list(daemon.stub.Complete(bad, metadata=daemon.md))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in e.value.details()
+
+
+def test_dedicated_split_routes_chat_and_batch_apart(tiny_model_factory, tmp_path):
+    cfg = tmp_path / "split.toml"
+    cfg.write_text("[daemon]\ndedicated-chat-replicas = 1\nbatch-watermark = 3\n")
+    d = Daemon(tmp_path / "state", tiny_model_factory("llama"), extra_args=("--config", str(cfg))).start()
+    try:
+        b = d.submit("\n".join(chat_line(f"p{i}", f"line {i}", 12) for i in range(12)).encode())
+        for i in range(3):
+            assert sum(len(c.token_ids) for c in d.chat(f"chat {i}", max_tokens=6)) >= 1
+        assert d.wait_batch(b.id).status == pb.BATCH_STATUS_COMPLETED
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # counters arrive with the next load report
+            r0, r1 = d.info().replicas
+            if r0.num_output_tokens_interactive and r1.num_output_tokens_batch >= 12:
+                break
+            time.sleep(0.2)
+        assert r0.is_chat_only and r1.is_batch_only
+        assert r0.num_output_tokens_interactive >= 3 and r0.num_output_tokens_batch == 0
+        assert r1.num_output_tokens_batch >= 12 and r1.num_output_tokens_interactive == 0
+        assert r1.busy_time_s > 0 and r1.num_steps > 0
+    finally:
+        assert d.stop() == 0

@@ -124,6 +124,9 @@ class ReplicaLoop:
         self._pending = list(pending or [])  # messages that arrived together with Welcome
         self.step_times: collections.deque[float] = collections.deque(maxlen=32)
         self.num_steps = 0
+        self.busy_time_s = 0.0
+        self.num_output_tokens = {True: 0, False: 0}  # is_batch -> tokens generated
+        self._is_batch: dict[str, bool] = {}
         self.draining = False
         self._last_report = 0.0
 
@@ -143,7 +146,11 @@ class ReplicaLoop:
                 t0 = time.perf_counter()
                 for o in self.engine.step():
                     out.outputs.append(self._to_proto(o))
-                self.step_times.append(time.perf_counter() - t0)
+                    is_batch = self._is_batch.pop(o.req_id, False) if o.finished else self._is_batch.get(o.req_id)
+                    self.num_output_tokens[bool(is_batch)] += len(o.new_token_ids)
+                dt = time.perf_counter() - t0
+                self.step_times.append(dt)
+                self.busy_time_s += dt
                 self.num_steps += 1
             finished = self._send_outputs(out)                                   # send
             if finished or time.monotonic() - self._last_report >= REPORT_INTERVAL_S:
@@ -168,6 +175,7 @@ class ReplicaLoop:
                     raise RequestError("the replica is shutting down", code="unavailable")
                 params = sampling_from_proto(a.sampling_params, default_max_tokens=16)
                 self.engine.add_request(a.request_id, list(a.prompt_token_ids), params, priority=prio)
+                self._is_batch[a.request_id] = prio == PRIORITY_BATCH
             except RequestError as exc:
                 out.outputs.add(request_id=a.request_id, is_finished=True, finish_reason=pb.FINISH_REASON_ERROR,
                                 error_code=exc.code, error_message=str(exc))
@@ -211,7 +219,9 @@ class ReplicaLoop:
         self.link.send(wpb.WorkerMessage(load_report=wpb.LoadReport(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_free_kv_blocks=self.engine.kv.num_free_blocks, num_kv_blocks=self.engine.kv.num_blocks,
-            recent_step_time_s=recent, num_preemptions=sched.num_preemptions, num_steps=self.num_steps)))
+            recent_step_time_s=recent, num_preemptions=sched.num_preemptions, num_steps=self.num_steps,
+            num_output_tokens_interactive=self.num_output_tokens[False],
+            num_output_tokens_batch=self.num_output_tokens[True], busy_time_s=self.busy_time_s)))
         self._last_report = time.monotonic()
 
 

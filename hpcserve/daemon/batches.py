@@ -77,6 +77,7 @@ from hpcserve.daemon.state_dir import fsync_dir, lock_state_dir, test_pause
 from hpcserve.errors import HpcserveError, RequestError
 
 _MAX_BATCH_ERRORS = 10  # line errors copied into batch.errors when the whole file fails
+DEADLINE_BUCKET_S = 300  # claim_lines: deadlines this close count as equal (fair share between them)
 
 
 class BatchStore:
@@ -297,27 +298,49 @@ class BatchStore:
     # ------------------------------------------------------------------ scheduling
 
     def claim_lines(self, limit: int, batch_id: str | None = None) -> list[ClaimedLine]:
-        """Mark up to ``limit`` pending lines of in-progress batches running and return them,
-        earliest ``expires_at`` first, then older batches, then line order."""
+        """Mark up to ``limit`` pending lines of in-progress batches running and return them.
+
+        Order: earliest deadline first (``expires_at``, in buckets of ``DEADLINE_BUCKET_S`` so
+        batches submitted minutes apart with the same window count as equal); within a bucket,
+        fair share: each next line goes to the batch with the fewest lines done or running so
+        far (ties: the older batch), so equal-deadline jobs advance together; within a batch,
+        line order."""
         out: list[ClaimedLine] = []
         with self._tx() as db:
             if batch_id is not None:
                 self._row(batch_id)
-                batches = db.execute("SELECT id, tenant FROM batches WHERE id=? AND status='in_progress'",
-                                     (batch_id,)).fetchall()
+                batches = db.execute("SELECT id, tenant, expires_at, completed + failed AS served FROM batches "
+                                     "WHERE id=? AND status='in_progress'", (batch_id,)).fetchall()
             else:
-                batches = db.execute("SELECT id, tenant FROM batches WHERE status='in_progress' "
-                                     "ORDER BY expires_at, seq").fetchall()
+                batches = db.execute("SELECT id, tenant, expires_at, completed + failed AS served FROM batches "
+                                     "WHERE status='in_progress' ORDER BY expires_at, seq").fetchall()
+            running = dict(db.execute("SELECT batch_id, COUNT(*) FROM lines WHERE state='running' "
+                                      "GROUP BY batch_id").fetchall())
+            groups: dict[int, list] = {}
             for b in batches:
+                groups.setdefault(int(b["expires_at"] or 0) // DEADLINE_BUCKET_S, []).append(b)
+            for _, group in sorted(groups.items()):
                 if len(out) >= limit:
                     break
-                rows = db.execute("SELECT line_no, custom_id, raw, attempts FROM lines WHERE "
-                                  "state='pending' AND batch_id=? ORDER BY line_no LIMIT ?",
-                                  (b["id"], limit - len(out))).fetchall()
-                db.executemany("UPDATE lines SET state='running', attempts=attempts+1 "
-                               "WHERE batch_id=? AND line_no=?", [(b["id"], r["line_no"]) for r in rows])
-                out += [ClaimedLine(b["id"], r["line_no"], r["custom_id"], r["raw"],
-                                    r["attempts"] + 1, b["tenant"]) for r in rows]
+                queues = {}
+                for b in group:
+                    rows = db.execute("SELECT line_no, custom_id, raw, attempts FROM lines WHERE "
+                                      "state='pending' AND batch_id=? ORDER BY line_no LIMIT ?",
+                                      (b["id"], limit - len(out))).fetchall()
+                    if rows:
+                        queues[b["id"]] = [b, b["served"] + running.get(b["id"], 0), rows, 0]
+                while queues and len(out) < limit:
+                    q = min(queues.values(), key=lambda q: q[1])  # fewest served; dict order = older first
+                    b, _, rows, i = q
+                    r = rows[i]
+                    out.append(ClaimedLine(b["id"], r["line_no"], r["custom_id"], r["raw"], r["attempts"] + 1,
+                                           b["tenant"]))
+                    q[1] += 1
+                    q[3] += 1
+                    if q[3] == len(rows):
+                        del queues[b["id"]]
+            db.executemany("UPDATE lines SET state='running', attempts=attempts+1 WHERE batch_id=? AND line_no=?",
+                           [(c.batch_id, c.line_no) for c in out])
         return out
 
     def record_result(self, batch_id: str, line_no: int, line_dict: dict, is_error: bool) -> bool:

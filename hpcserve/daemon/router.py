@@ -16,10 +16,17 @@ Lifecycle of an in-flight request::
                                    └─ launch lost: chat → UNAVAILABLE on its stream;
                                                    batch → line requeued in the store
 
-Scheduling baseline: chat goes to the replica with the fewest interactive requests in flight
-(then fewest in total, then most free KV blocks); batch lines are claimed from the store only
-up to ``batch_watermark`` in flight per replica, so chat never waits behind a deep backlog,
-and each replica's step scheduler runs interactive requests ahead of batch ones.
+Routing:
+- chat goes to the replica with the most headroom: fewest interactive requests in flight, then
+  the shortest recent step time, then the most free KV blocks (from its load reports);
+- batch lines are claimed from the store (earliest deadline first, fair share between batches of
+  equal deadline: see ``BatchStore.claim_lines``) only up to ``batch_watermark`` in flight per
+  replica, and only while the replica's batch lines fit in its batch share of the KV cache
+  (``1 - chat_kv_reserve``, counting prompt + max_tokens), so a replica's batch backlog stays
+  shallow and chat never waits behind it; each replica's step scheduler then runs interactive
+  requests ahead of batch ones;
+- ``dedicated_chat_replicas = k > 0`` splits the pool instead: replicas 0..k-1 take only chat,
+  the rest only batch (the dedicated-pools baseline of ``hpcserve bench mixed``).
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ class Inflight:
     logprobs: list = field(default_factory=list)
     num_cached_tokens: int = 0
     is_aborting: bool = False
+    kv_blocks: int = 0  # batch: KV blocks reserved for it on its replica (prompt + max_tokens)
 
     async def events(self):
         """Chat: the replica's outputs for this request until it finishes; a ``StreamError`` ends it."""
@@ -79,11 +87,14 @@ class Inflight:
 
 
 class Router:
-    def __init__(self, frontend, store, model_name: str, batch_watermark: int) -> None:
+    def __init__(self, frontend, store, model_name: str, batch_watermark: int, chat_kv_reserve: float = 0.1,
+                 dedicated_chat_replicas: int = 0) -> None:
         self.frontend = frontend
         self.store = store
         self.model_name = model_name
         self.batch_watermark = batch_watermark
+        self.chat_kv_reserve = chat_kv_reserve
+        self.dedicated_chat_replicas = dedicated_chat_replicas
         self.pool = None  # set by the server once the WorkerPool exists
         self.inflight: dict[str, Inflight] = {}
         self._ready = asyncio.Event()
@@ -110,6 +121,10 @@ class Router:
         lens = [r.hello.max_model_len for r in self.pool.replicas.values()]
         if lens:
             self.frontend.max_model_len = min(lens)
+        k = self.dedicated_chat_replicas
+        for r in self.pool.replicas.values():
+            r.is_chat_only = r.replica_id < k
+            r.is_batch_only = k > 0 and r.replica_id >= k
         self._ready.set()
         self.wake()
 
@@ -128,8 +143,10 @@ class Router:
 
     # ------------------------------------------------------------------ chat
     def pick_replica(self):
-        reps = list(self.pool.replicas.values())
-        return min(reps, key=lambda r: (r.num_inflight - r.num_inflight_batch, r.num_inflight,
+        """The chat replica with the most headroom: fewest interactive requests in flight (they
+        share its steps), then the shortest recent step time, then the most free KV blocks."""
+        reps = [r for r in self.pool.replicas.values() if not r.is_batch_only]
+        return min(reps, key=lambda r: (r.num_inflight - r.num_inflight_batch, round(r.load.recent_step_time_s, 3),
                                         -r.load.num_free_kv_blocks, r.replica_id))
 
     def submit(self, req_id: str | None, ids: list[int], params: SamplingParams, request_class: int) -> Inflight:
@@ -157,6 +174,7 @@ class Router:
         inf.replica.num_inflight += 1
         if inf.line is not None:
             inf.replica.num_inflight_batch += 1
+            inf.replica.batch_kv_reserved += inf.kv_blocks
         inf.replica.send(wpb.DaemonMessage(add_request=wpb.AddRequest(
             request_id=inf.req_id, prompt_token_ids=inf.prompt_ids, sampling_params=sampling_to_proto(inf.params),
             request_class=inf.request_class, eos_token_ids=self.frontend.eos_token_ids)))
@@ -166,6 +184,7 @@ class Router:
             inf.replica.num_inflight -= 1
             if inf.line is not None:
                 inf.replica.num_inflight_batch -= 1
+                inf.replica.batch_kv_reserved -= inf.kv_blocks
 
     # ------------------------------------------------------------------ outputs
     def on_outputs(self, replica, outs: wpb.StepOutputs) -> None:
@@ -245,13 +264,15 @@ class Router:
         await self._abort_cancelled()
         if not self.is_ready or not self._feeding:
             return
-        room = sum(max(0, self.batch_watermark - r.num_inflight_batch) for r in self.pool.replicas.values())
+        feedable = [r for r in self.pool.replicas.values() if not r.is_chat_only]
+        room = sum(max(0, self.batch_watermark - r.num_inflight_batch) for r in feedable)
         if room <= 0:
             return
-        for line in await asyncio.to_thread(self.store.claim_lines, room):
+        lines = await asyncio.to_thread(self.store.claim_lines, room)
+        for i, line in enumerate(lines):
             if not self.is_ready:  # lost while we were claiming: give the line back
-                await asyncio.to_thread(self.store.requeue, line.batch_id, line.line_no)
-                continue
+                await self._give_back(lines[i:])
+                return
             try:
                 item = line.parse()
                 ids, params = prepare_item(self.frontend, item)
@@ -263,10 +284,31 @@ class Router:
                 err = build_error_line(exc.custom_id, exc.line_no, exc.code, exc.message)
                 await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, err, True)
                 continue
-            replica = max(self.pool.replicas.values(),
-                          key=lambda r: (self.batch_watermark - r.num_inflight_batch, -r.replica_id))
+            replica, need = self._batch_replica(feedable, len(ids) + params.max_tokens)
+            if replica is None:  # every replica's batch share of the KV cache is spoken for
+                await self._give_back(lines[i:])
+                return
             req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
-            self._send(Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item))
+            self._send(Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
+                                kv_blocks=need))
+
+    def _batch_replica(self, feedable: list, num_tokens: int):
+        """The replica with the most batch room that can hold ``num_tokens`` more within its batch
+        share of the KV cache (1 - chat_kv_reserve); (None, 0) if none can."""
+        best, best_need = None, 0
+        for r in sorted(feedable, key=lambda r: (r.num_inflight_batch, r.replica_id)):
+            if r.num_inflight_batch >= self.batch_watermark:
+                continue
+            need = -(-num_tokens // max(1, r.hello.block_size))
+            share = int(r.hello.num_kv_blocks * (1.0 - self.chat_kv_reserve))
+            if r.batch_kv_reserved + need <= share or r.num_inflight_batch == 0:
+                best, best_need = r, need
+                break
+        return best, best_need
+
+    async def _give_back(self, lines: list) -> None:
+        for line in lines:
+            await asyncio.to_thread(self.store.requeue, line.batch_id, line.line_no)
 
     async def _abort_cancelled(self) -> None:
         batch_ids = {inf.line.batch_id for inf in self.inflight.values() if inf.line is not None}

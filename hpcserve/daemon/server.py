@@ -96,7 +96,10 @@ class _Daemon:
         engine_fields["model"] = str(model_dir)  # workers load the resolved directory
         token = secrets.token_urlsafe(24)
 
-        router = Router(frontend, store, model_name, batch_watermark=cfg.engine.max_num_seqs)
+        router = Router(frontend, store, model_name,
+                        batch_watermark=cfg.daemon.batch_watermark or cfg.engine.max_num_seqs,
+                        chat_kv_reserve=cfg.daemon.chat_kv_reserve,
+                        dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas)
         server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20)])
         host, port = cfg.daemon.host_port

@@ -58,17 +58,24 @@ class Replica:
     load: wpb.LoadReport = field(default_factory=wpb.LoadReport)
     num_inflight: int = 0  # requests the router has given it and not seen finish
     num_inflight_batch: int = 0
+    batch_kv_reserved: int = 0  # KV blocks the batch lines in flight may grow to
 
     def send(self, msg: wpb.DaemonMessage) -> None:
         self.outbox.put_nowait(msg)
 
+    is_chat_only: bool = False  # daemon.dedicated-chat-replicas
+    is_batch_only: bool = False
+
     def info(self) -> pb.ReplicaInfo:
+        ld = self.load
         return pb.ReplicaInfo(
             replica_id=self.replica_id, role=self.hello.role, ranks=[self.hello.rank],
-            num_running=self.load.num_running, num_waiting=self.load.num_waiting,
-            num_free_kv_blocks=self.load.num_free_kv_blocks,
-            num_kv_blocks=self.load.num_kv_blocks or self.hello.num_kv_blocks,
-            recent_step_time_s=self.load.recent_step_time_s)
+            num_running=ld.num_running, num_waiting=ld.num_waiting, num_free_kv_blocks=ld.num_free_kv_blocks,
+            num_kv_blocks=ld.num_kv_blocks or self.hello.num_kv_blocks, recent_step_time_s=ld.recent_step_time_s,
+            num_output_tokens_interactive=ld.num_output_tokens_interactive,
+            num_output_tokens_batch=ld.num_output_tokens_batch, busy_time_s=ld.busy_time_s,
+            num_steps=ld.num_steps, num_preemptions=ld.num_preemptions,
+            is_chat_only=self.is_chat_only, is_batch_only=self.is_batch_only)
 
 
 def worker_command() -> list[str]:

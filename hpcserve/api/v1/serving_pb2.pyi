@@ -360,7 +360,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "role", "ranks", "num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s")
+    __slots__ = ("replica_id", "role", "ranks", "num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s", "num_steps", "num_preemptions", "is_chat_only", "is_batch_only")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +369,13 @@ class ReplicaInfo(_message.Message):
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BUSY_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    IS_CHAT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    IS_BATCH_ONLY_FIELD_NUMBER: _ClassVar[int]
     replica_id: int
     role: ReplicaRole
     ranks: _containers.RepeatedScalarFieldContainer[int]
@@ -377,7 +384,14 @@ class ReplicaInfo(_message.Message):
     num_free_kv_blocks: int
     num_kv_blocks: int
     recent_step_time_s: float
-    def __init__(self, replica_id: _Optional[int] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., ranks: _Optional[_Iterable[int]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ...) -> None: ...
+    num_output_tokens_interactive: int
+    num_output_tokens_batch: int
+    busy_time_s: float
+    num_steps: int
+    num_preemptions: int
+    is_chat_only: bool
+    is_batch_only: bool
+    def __init__(self, replica_id: _Optional[int] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., ranks: _Optional[_Iterable[int]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., is_chat_only: _Optional[bool] = ..., is_batch_only: _Optional[bool] = ...) -> None: ...
 
 class Allocation(_message.Message):
     __slots__ = ("job_id", "nodes", "end_time", "seconds_left")

@@ -84,7 +84,7 @@ class StepOutputs(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_preemptions", "num_steps")
+    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_preemptions", "num_steps", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,9 @@ class LoadReport(_message.Message):
     RECENT_STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BUSY_TIME_S_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_free_kv_blocks: int
@@ -99,7 +102,10 @@ class LoadReport(_message.Message):
     recent_step_time_s: float
     num_preemptions: int
     num_steps: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ...) -> None: ...
+    num_output_tokens_interactive: int
+    num_output_tokens_batch: int
+    busy_time_s: float
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("replica_id", "config_json")
