@@ -107,8 +107,8 @@ class _Writer:
 
     def __init__(self, out_path: Path, errors_path: Path | None):
         self.out_path, self.errors_path = out_path, errors_path
-        self.out = open(_partial(out_path), "w", encoding="utf-8")  # closed in close()
-        self.err = (open(_partial(errors_path), "w", encoding="utf-8")
+        self.out = open(_partial(out_path), "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.err = (open(_partial(errors_path), "w", encoding="utf-8")  # noqa: SIM115
                     if errors_path else self.out)
         self._last_flush = time.monotonic()
 

@@ -147,7 +147,7 @@ class BatchStore:
             f, input_file = io.BytesIO(bytes(jsonl)), out_dir / "input.jsonl"
         else:
             try:
-                f = open(jsonl, "rb")  # closed below
+                f = open(jsonl, "rb")  # noqa: SIM115 - closed below
             except OSError as exc:
                 raise HpcserveError(f"cannot read batch input {jsonl}: {exc}") from None
             input_file = Path(jsonl).absolute()

@@ -172,7 +172,7 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
         env.update({ENV_DAEMON: self.link_address, ENV_SECRET: self._secret,
                     ENV_CONFIG: json.dumps(self.engine_fields)})
         cmd = [self.mpiexec, "-n", str(self.num_ranks), *worker_command()]
-        logf = open(self.log_dir / "workers.log", "ab")
+        logf = open(self.log_dir / "workers.log", "ab")  # noqa: SIM115, ASYNC230 - the child keeps it; closed below
         logf.write(f"\n=== launch {self.launch_id} at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
         logf.flush()
         try:
