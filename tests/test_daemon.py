@@ -311,3 +311,18 @@ def test_dedicated_split_routes_chat_and_batch_apart(tiny_model_factory, tmp_pat
         assert r1.busy_time_s > 0 and r1.num_steps > 0
     finally:
         assert d.stop() == 0
+
+
+def test_second_daemon_on_a_taken_port_or_state_dir_fails_clearly(daemon, tiny_model_factory, tmp_path):
+    import subprocess
+    import sys
+
+    model = str(tiny_model_factory("llama"))
+    for args, want in (
+        (["--listen", daemon.address, "--state-dir", str(tmp_path / "other")], "cannot listen on"),
+        (["--listen", "127.0.0.1:0", "--state-dir", str(daemon.state_dir)], "in use by another hpcserve process"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "hpcserve", "serve", "--model", model, *args], capture_output=True,
+                           text=True, timeout=120, check=False)
+        assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert daemon.info().is_ready  # the running daemon is unaffected

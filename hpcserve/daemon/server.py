@@ -101,7 +101,8 @@ class _Daemon:
                         chat_kv_reserve=cfg.daemon.chat_kv_reserve,
                         dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas)
         server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=[
-            ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20)])
+            ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail, not share it
         host, port = cfg.daemon.host_port
         try:
             bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
