@@ -258,12 +258,13 @@ class SiteConfig:
         """The replica's ``hpcserve.engine.core.EngineConfig`` (imports the engine, not torch)."""
         from hpcserve.engine.core import EngineConfig
 
-        m, e = self.model, self.engine
+        m, e, slo = self.model, self.engine, self.slo
         path = m.path if m.path == "demo" else os.path.expanduser(os.path.expandvars(m.path))
         return EngineConfig(
             model=path, dtype=m.dtype, max_model_len=m.max_model_len, block_size=e.block_size,
             kv_cache_gb=e.kv_cache_gb, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
             enable_prefix_caching=e.enable_prefix_caching, num_threads=e.num_threads,
+            itl_target_s=slo.chat_itl_p99_s, batch_step_slowdown=slo.batch_step_slowdown,
         )
 
 

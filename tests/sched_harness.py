@@ -1,14 +1,15 @@
 """Harness for the scheduler tests: a fake runner over a fake paged KV store, the
 reference it is checked against, and invariants checked after every step (state
 invariants, plus per-step ordering and preemption rules of the priority classes,
-which reduce to plain FCFS with a single class). No torch."""
+which reduce to plain FCFS with a single class, and the ITL cap on batch work when
+the scheduler has one). No torch."""
 
 from __future__ import annotations
 
 import random
 
 from hpcserve.engine.kv_cache import KVCacheManager
-from hpcserve.engine.request import Request, RequestStatus, SamplingParams
+from hpcserve.engine.request import PRIORITY_INTERACTIVE, Request, RequestStatus, SamplingParams
 from hpcserve.engine.scheduler import SamplerResult, Scheduler, SchedulerOutput
 
 
@@ -180,10 +181,36 @@ def check_step_order(
         i: (prio[i], 0, rank[i]) if i in rank else (prio[i], 1, wrank[i]) for i in ids
     }
     assert ids == sorted(ids, key=key.get), [(i, key[i]) for i in ids]
-    # a running request is left out only when the budget ran out
+    # a running request is left out only when the budget ran out, or (batch-class
+    # requests only) when the step's ITL cap cut batch work
     left = [r.req_id for r in run0 if r.req_id not in ids and r.req_id not in pre]
-    if left:
-        assert out.num_batched_tokens == sched.max_num_batched_tokens, left
+    if left and out.num_batched_tokens < sched.max_num_batched_tokens:
+        assert sched.last_cap_hit, left
+        assert all(prio[x] > PRIORITY_INTERACTIVE for x in left), left
+
+
+def check_cap(sched: Scheduler, out: SchedulerOutput) -> None:
+    """The ITL cap of one step (``sched.last_cap_s``, None if not applied): the step's
+    predicted time is within it unless at most the 1-token batch floor was scheduled; in
+    chat mode it is at most the target and the interactive-only time x (1 + slowdown)."""
+    cm = sched.cost_model
+    cap = sched.last_cap_s
+    if cap is None:
+        return
+    prio = {s.req_id: sched.requests[s.req_id].priority for s in out.seqs}
+    inter = [s for s in out.seqs if prio[s.req_id] <= PRIORITY_INTERACTIVE]
+    n_batch = sum(s.num_new_tokens for s in out.seqs if prio[s.req_id] > PRIORITY_INTERACTIVE)
+    chat = any(r.priority <= PRIORITY_INTERACTIVE for r in list(sched.running) + list(sched.waiting)) or inter
+    pred = cm.predict(out.num_batched_tokens, sum(s.context_len for s in out.seqs))
+    # (with no batch token, the interactive work alone may exceed the cap)
+    assert pred <= cap + 1e-12 or n_batch <= 1, (pred, cap, n_batch)
+    if chat and inter:
+        base = cm.predict(sum(s.num_new_tokens for s in inter), sum(s.context_len for s in inter))
+        assert cap <= min(sched.itl_target_s, base * (1 + sched.batch_step_slowdown)) + 1e-12
+    elif chat:
+        assert cap <= sched.itl_target_s + 1e-12
+    else:
+        assert cap >= sched.itl_target_s
 
 
 class Driver:
@@ -203,6 +230,7 @@ class Driver:
         out = self.sched.schedule()
         check_invariants(self.sched, out)
         check_step_order(self.sched, run0, wait0, out)
+        check_cap(self.sched, out)
         self.outputs.append(out)
         sampled = self.runner.execute(out)
         assert set(sampled) == {s.req_id for s in out.seqs if s.do_sample}
@@ -227,10 +255,12 @@ class Driver:
 
 
 def make(
-    num_blocks=64, budget=16, max_seqs=8, max_model_len=4096, prefix=True, fn=model_fn
+    num_blocks=64, budget=16, max_seqs=8, max_model_len=4096, prefix=True, fn=model_fn, **cap_kw
 ):
+    """``cap_kw``: the scheduler's ITL-cap arguments (cost_model, itl_target_s,
+    batch_step_slowdown)."""
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=prefix)
-    sched = Scheduler(kv, budget, max_seqs, max_model_len)
+    sched = Scheduler(kv, budget, max_seqs, max_model_len, **cap_kw)
     return sched, Driver(sched, fn)
 
 

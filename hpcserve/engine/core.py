@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from hpcserve.engine.detok import IncrementalDetokenizer
@@ -26,6 +27,7 @@ from hpcserve.engine.kv_cache import KVCacheManager
 from hpcserve.engine.outputs import RequestOutput
 from hpcserve.engine.request import PRIORITY_INTERACTIVE, Request, RequestStatus, SamplingParams
 from hpcserve.engine.scheduler import Scheduler
+from hpcserve.engine.step_cost import StepCostModel
 from hpcserve.errors import ModelError, RequestError
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class EngineConfig:
     collect_logits: bool = False  # tests: keep logits of every scheduled row
     num_threads: int | None = None  # torch intra-op threads (default: torch's choice)
     attention_backend: str = "auto"
+    # ITL cap on batch work (see hpcserve.engine.scheduler): None disables it
+    itl_target_s: float | None = None
+    batch_step_slowdown: float = 0.2  # with chat active, batch may slow a step by this fraction
 
 
 class LLMEngine:
@@ -88,7 +93,12 @@ class LLMEngine:
         )
         self.frontend.max_model_len = self.max_model_len
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
+        self.cost_model = StepCostModel()  # step wall time, learned from every step
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+            cost_model=self.cost_model, itl_target_s=config.itl_target_s,
+            batch_step_slowdown=config.batch_step_slowdown,
+        )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (tokens sent, logprobs sent)
         self._aborted: list[Request] = []
@@ -138,9 +148,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(r, "") for r in self._aborted]
         self._aborted = []
+        t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
         sampled = self.runner.execute(sched_out)
-        for req, _ in self.scheduler.update_from_output(sched_out, sampled):
+        events = self.scheduler.update_from_output(sched_out, sampled)
+        if sched_out.seqs:
+            ctx = sum(s.context_len for s in sched_out.seqs)
+            self.cost_model.observe(sched_out.num_batched_tokens, ctx, time.perf_counter() - t0)
+        for req, _ in events:
             detok = self._detok[req.req_id]
             delta = detok.add_tokens(req.output_token_ids[self._sent[req.req_id][0] :])
             if detok.stop_hit is not None and not req.is_finished:

@@ -51,6 +51,32 @@ In every step, the preempted requests are thus a suffix of the running ones in
 (priority, admission) order, and every request admitted in a step is strictly
 more urgent than every request preempted in it.
 
+ITL cap (issue #4): with a ``cost_model`` (``StepCostModel``, calibrated) and an
+``itl_target_s``, batch-class work (priority > ``PRIORITY_INTERACTIVE``) is capped
+in predicted step seconds, so chat keeps its inter-token latency; interactive work
+is scheduled first exactly as above. The cap is fixed at the step's first
+batch-class item, when all interactive work of the step is known (T tokens):
+
+- chat active (an interactive request running or waiting): the step may take
+  ``min(itl_target_s, predict(interactive work) * (1 + batch_step_slowdown))``
+  (just ``itl_target_s`` if no interactive token was scheduled). Batch decodes
+  and prefill chunks are taken in serving order while they fit; a prefill chunk
+  is cut to what fits (any size >= 1); a request that does not fit is skipped.
+- no chat: all batch decodes are scheduled as before (decode batching is where the
+  throughput is), and prefill chunks are cut so that the step stays within
+  ``max(itl_target_s, predict(the step with all its decodes))``: a chat request
+  arriving meanwhile waits about one ITL target (or one decode step) at most.
+  While decodes run, a prefill that does not fit waits (no floor for it). A target
+  below the fixed step cost ``a`` leaves batch prefill at the 1-token floor.
+- floor: if batch work is runnable, at least one batch token (the first batch
+  item in serving order) is scheduled in every step, whatever the cap, so batch
+  never starves. The step's token budget and ``max_num_seqs`` still apply.
+
+A skipped request stays running with its blocks (it is not preempted; runners keep
+no per-step state for it). ``last_cap_s`` / ``last_cap_hit`` record the last step's
+cap and whether it cut batch work. Without a cost model or target, or before the
+model is calibrated, nothing is capped.
+
 Stop conditions decided here are token-level: EOS (unless ``ignore_eos``),
 ``stop_token_ids``, ``max_tokens``, and the model length. Stop *strings* need text,
 so the engine calls ``finish_request`` when the detokenizer reports one.
@@ -62,7 +88,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hpcserve.engine.kv_cache import KVCacheManager
-from hpcserve.engine.request import Request, RequestStatus, SamplingParams, TokenLogprob
+from hpcserve.engine.request import PRIORITY_INTERACTIVE, Request, RequestStatus, SamplingParams, TokenLogprob
+from hpcserve.engine.step_cost import StepCostModel
 
 
 @dataclass
@@ -113,9 +140,16 @@ class Scheduler:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
         max_model_len: int = 4096,
+        cost_model: StepCostModel | None = None,
+        itl_target_s: float | None = None,
+        batch_step_slowdown: float = 0.2,
     ) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if itl_target_s is not None and not itl_target_s > 0:
+            raise ValueError(f"itl_target_s must be > 0, got {itl_target_s!r}")
+        if not batch_step_slowdown >= 0:
+            raise ValueError(f"batch_step_slowdown must be >= 0, got {batch_step_slowdown!r}")
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -125,6 +159,12 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished_since_step: list[str] = []
+        self.cost_model = cost_model
+        self.itl_target_s = itl_target_s
+        self.batch_step_slowdown = batch_step_slowdown
+        self._cap: _BatchCap | None = None  # this step's batch cap, while schedule() runs
+        self.last_cap_s: float | None = None  # cap applied to the last step's batch work (logs, tests)
+        self.last_cap_hit = False  # the last step left batch work out because of the cap
 
     # ------------------------------------------------------------- admission
     def add_request(self, req: Request) -> None:
@@ -181,6 +221,7 @@ class Scheduler:
         i = 0
         admit = True  # False once the waiting head did not fit, or after a growth preemption
         victim_floor: int | None = None  # most urgent priority preempted for a waiting head
+        cap = self._cap = self._new_cap()  # None: no ITL cap in this step
 
         while budget > 0:
             while i < len(order) and order[i].status != RequestStatus.RUNNING:
@@ -193,17 +234,21 @@ class Scheduler:
 
             if head is not None and (nxt is None or head.priority < nxt.priority):
                 # admit the waiting head before the next running request
+                if cap is not None and head.priority > PRIORITY_INTERACTIVE and cap.cap is None:
+                    cap.open(order[i:])
                 num_new, victims = self._admit_head(head, budget, done)
                 out.preempted_req_ids += [v.req_id for v in victims]
                 if victims:
                     floor = min(v.priority for v in victims)
                     victim_floor = floor if victim_floor is None else min(victim_floor, floor)
-                if num_new is None:
+                if not num_new:  # None: no room; 0: over this step's batch cap
                     admit = False  # FCFS: nothing behind the head is admitted either
                     continue
                 scheduled.append((head, num_new))
                 done.add(head.req_id)
                 budget -= num_new
+                if cap is not None:
+                    cap.add(head, head.num_computed_tokens, num_new)
                 continue
 
             if nxt is None:
@@ -212,6 +257,14 @@ class Scheduler:
             i += 1
             req = nxt
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if cap is not None and req.priority > PRIORITY_INTERACTIVE:
+                if cap.cap is None:
+                    cap.open(order[i - 1 :])
+                num_new = cap.limit(
+                    req.num_computed_tokens, num_new, decode=req.num_tokens - req.num_computed_tokens == 1
+                )
+                if num_new == 0:
+                    continue  # over the cap: stays running with its blocks, not computed in this step
             while not self.kv.allocate(req, num_new):
                 victim = self._growth_victim(done)
                 self._preempt(victim)
@@ -220,10 +273,14 @@ class Scheduler:
                 if victim is req:
                     break
             else:
+                if cap is not None:
+                    cap.add(req, req.num_computed_tokens, num_new)
                 scheduled.append((req, num_new))
                 done.add(req.req_id)
                 budget -= num_new
 
+        self._cap = None
+        self.last_cap_s, self.last_cap_hit = (None, False) if cap is None else (cap.cap, cap.hit)
         for req, num_new in scheduled:
             start = req.num_computed_tokens
             end = start + num_new
@@ -246,6 +303,15 @@ class Scheduler:
             )
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _new_cap(self) -> _BatchCap | None:
+        m, target = self.cost_model, self.itl_target_s
+        if m is None or target is None or m.coefficients is None:
+            return None
+        chat = any(r.priority <= PRIORITY_INTERACTIVE for r in self.running) or bool(
+            self.waiting and self.waiting[0].priority <= PRIORITY_INTERACTIVE
+        )
+        return _BatchCap(m, target, self.batch_step_slowdown, chat)
 
     def _growth_victim(self, done: set[str]) -> Request:
         """Least urgent running request not yet scheduled in this step, the most recently
@@ -270,6 +336,10 @@ class Scheduler:
             return None, []
         cached_ids, num_cached = self.kv.find_cached_prefix(req)
         num_new = min(req.num_tokens - num_cached, budget)
+        if self._cap is not None and req.priority > PRIORITY_INTERACTIVE:
+            num_new = self._cap.limit(num_cached, num_new, decode=False)
+            if num_new == 0:
+                return 0, []
         victims: list[Request] = []
         if len(self.running) >= self.max_num_seqs or not self.kv.allocate(req, num_new, cached_ids):
             victims = self._victims_to_fit(req, num_new, cached_ids, candidates)
@@ -364,3 +434,51 @@ class Scheduler:
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+class _BatchCap:
+    """One step's cap on batch-class work (priority > ``PRIORITY_INTERACTIVE``), in
+    predicted seconds; see the module docstring. Created per step, opened at the
+    step's first batch-class item (all interactive work is scheduled by then)."""
+
+    def __init__(self, model: StepCostModel, target: float, slowdown: float, chat: bool) -> None:
+        self.model, self.target, self.slowdown, self.chat = model, target, slowdown, chat
+        self.tokens = self.context = 0  # the step so far
+        self.batch_tokens = 0  # batch-class tokens scheduled so far
+        self.res_tokens = self.res_context = 0  # batch decodes still to come (no-chat mode)
+        self.cap: float | None = None
+        self.hit = False
+
+    def open(self, rest: list[Request]) -> None:
+        """``rest``: the running requests not served yet in this step (all batch-class)."""
+        m = self.model
+        if self.chat:
+            base = m.predict(self.tokens, self.context) * (1 + self.slowdown) if self.tokens else self.target
+            self.cap = min(self.target, base)
+            return
+        for r in rest:
+            if r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1:
+                self.res_tokens += 1
+                self.res_context += r.num_tokens
+        self.cap = max(self.target, m.predict(self.tokens + self.res_tokens, self.context + self.res_context))
+
+    def limit(self, start: int, want: int, decode: bool) -> int:
+        """How many of ``want`` tokens starting at ``start`` fit (0: skip this request)."""
+        if decode and not self.chat:  # exempt, its time is part of the cap
+            self.res_tokens = max(0, self.res_tokens - 1)
+            self.res_context = max(0, self.res_context - start - 1)
+            return want
+        n = self.model.max_new_tokens(
+            self.cap, self.tokens + self.res_tokens, self.context + self.res_context, start, want
+        )
+        if n == 0 and self.batch_tokens == 0 and self.res_tokens == 0:
+            n = 1  # the floor: batch always progresses
+        if n < want:
+            self.hit = True
+        return n
+
+    def add(self, req: Request, start: int, n: int) -> None:
+        self.tokens += n
+        self.context += start + n
+        if req.priority > PRIORITY_INTERACTIVE:
+            self.batch_tokens += n
