@@ -46,3 +46,64 @@ def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threa
     if b:
         click.echo(f"{b['name']:<10} {b['tokens_per_s']:>10.1f} {b['elapsed_s']:>10.2f}  {b['dtype']}")
         click.echo(f"ratio: {res['ratio']:.2f}x   greedy outputs identical: {res['greedy_match']:.0%}")
+
+
+def _mixed_help() -> str:
+    from hpcserve.bench import mixed as m
+
+    return f"""Chat and batch on one pool of ranks: four modes, same model and ranks, same load.
+
+    \b
+    chat_only   Poisson chat arrivals at --chat-rate req/s, no batch
+    batch_only  a batch of --batch-lines lines keeps the pool busy, no chat
+    shared      both at once on every replica (hpcserve as designed)
+    split       both, on a daemon with [daemon] dedicated-chat-replicas = RANKS // 2
+
+    Each mode measures --duration seconds; in batch modes the window opens once the
+    batch is in steady state (a line per batch replica finished). The daemons are real (`hpcserve serve`
+    subprocesses on a temporary state dir, --config merged with the SLO keys); one
+    daemon runs the first three modes, a second one the split.
+
+    \b
+    Workload (token counts, uniform, inclusive; greedy, EOS ignored; token ids
+    uniform in [100, vocab-100); clipped to the served context length):
+      chat   Complete streams, prompt {m.CHAT_PROMPT_LEN[0]}-{m.CHAT_PROMPT_LEN[1]} tokens, \
+output {m.CHAT_OUTPUT_LEN[0]}-{m.CHAT_OUTPUT_LEN[1]} tokens
+      batch  /v1/completions lines, prompt {m.BATCH_PROMPT_LEN[0]}-{m.BATCH_PROMPT_LEN[1]} tokens, \
+max_tokens {m.BATCH_OUTPUT_LEN[0]}-{m.BATCH_OUTPUT_LEN[1]}
+
+    Metrics per mode: TTFT and ITL p50/p99, SLO attainment (TTFT <= the TTFT SLO and the
+    request's own p99 ITL <= the ITL SLO), batch/chat/total output tok/s and busy fraction
+    from the replicas' counters, goodput (batch tokens + tokens of chats that met the SLO,
+    per s) and economic utilization (goodput / batch_only's batch tok/s). The three
+    targets of issue #4 are printed as PASS/FAIL with their ratios; see bench/README.md.
+    Use --batch-lines large enough that the batch outlasts the window.
+    """
+
+
+@bench.command("mixed", help=_mixed_help(), short_help="Chat and batch on one pool: shared vs split vs alone.")
+@click.option("--model", default="demo", show_default=True, metavar="PATH|demo",
+              help="HF directory, .gguf file, or 'demo'.")
+@click.option("--ranks", default=2, show_default=True, type=click.IntRange(2), help="Worker ranks (replicas).")
+@click.option("--chat-rate", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Chat arrivals per second (Poisson).")
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Measurement window of each mode, seconds.")
+@click.option("--batch-lines", default=256, show_default=True, type=click.IntRange(1),
+              help="Lines in the batch submitted in batch_only, shared and split.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the workload (arrivals, lengths, ids).")
+@click.option("--config", "config_path", default=None, metavar="FILE", type=click.Path(dir_okay=False, exists=True),
+              help="Site config TOML for the daemons (the benchmark sets the SLO and split keys).")
+@click.option("--chat-ttft-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Chat TTFT SLO [default: the config's slo.chat-ttft-p99-s].")
+@click.option("--chat-itl-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Chat ITL SLO [default: the config's slo.chat-itl-p99-s].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def mixed_cmd(model, ranks, chat_rate, duration, batch_lines, seed, config_path, chat_ttft_slo, chat_itl_slo,
+              as_json) -> None:
+    from hpcserve.bench.loadgen import run_mixed
+    from hpcserve.bench.mixed import render_table
+
+    res = run_mixed(model, ranks, chat_rate, duration, batch_lines, seed=seed, config_path=config_path,
+                    ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo)
+    click.echo(json.dumps(res, indent=None) if as_json else render_table(res))
