@@ -176,6 +176,8 @@ class DaemonSection(_Section):
                                            "serve only chat and the rest only batch (a dedicated split).")
     batch_watermark: int | None = _opt(None, "Most batch lines in flight per replica (default: engine.max-num-seqs); "
                                              "keeps each replica's batch backlog shallow.", example=32)
+    chat_pack_limit: int = _opt(4, "Chat requests packed onto one replica before chat spills to the next (0 spreads "
+                                   "chat evenly). Packing leaves the other replicas' batch work uncapped.")
     chat_kv_reserve: float = _opt(0.1, "Fraction of each replica's KV cache that batch lines may not claim, kept "
                                        "free for chat.")
     drain_timeout_s: float = _opt(30.0, "On SIGTERM/SIGINT: seconds in-flight chats get to finish (batch lines "
@@ -193,6 +195,7 @@ class DaemonSection(_Section):
         return (out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
                 + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0)
                 + _at_least(self, "dedicated_chat_replicas", 0) + _at_least(self, "batch_watermark", 1)
+                + _at_least(self, "chat_pack_limit", 0)
                 + self._split_problems())
 
     def _split_problems(self):

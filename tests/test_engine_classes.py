@@ -103,3 +103,14 @@ def test_chat_first_token_within_two_steps_and_batch_unchanged(model_path, alone
     else:
         assert cm.calibrated and all(x >= 0 for x in cm.coefficients)
         assert any(c is not None for c in caps)
+
+
+def test_calibrate_leaves_an_empty_engine_with_a_fitted_cost_model(tiny_model_factory):
+    from hpcserve.engine.core import EngineConfig, LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_model_factory("llama")), num_threads=1, itl_target_s=0.05))
+    free = eng.kv.num_free_blocks
+    eng.calibrate()
+    assert eng.cost_model.calibrated and eng.cost_model.predict(64, 64) > 0
+    assert not eng.has_unfinished_requests() and eng.kv.num_free_blocks == free
+    assert not eng.kv.cached  # the throw-away prompts left nothing in the prefix cache

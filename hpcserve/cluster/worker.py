@@ -265,6 +265,10 @@ def main() -> int:
     engine = LLMEngine(EngineConfig(**fields))
     log.info("model loaded in %.1f s (%d KV blocks, max_model_len %d, %d threads)", time.monotonic() - t0,
              engine.kv.num_blocks, engine.max_model_len, fields["num_threads"])
+    t0 = time.monotonic()
+    engine.calibrate()
+    log.info("warm-up and step-time calibration in %.1f s: t = %s", time.monotonic() - t0,
+             engine.cost_model.coefficients)
     world.comm.Barrier()
     return _serve(world, engine)
 

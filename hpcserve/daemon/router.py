@@ -17,8 +17,10 @@ Lifecycle of an in-flight request::
                                                    batch → line requeued in the store
 
 Routing:
-- chat goes to the replica with the most headroom: fewest interactive requests in flight, then
-  the shortest recent step time, then the most free KV blocks (from its load reports);
+- chat is packed onto the replica already serving the most chat, up to ``chat_pack_limit``
+  requests (replicas with chat active cap their batch work, so packing keeps the others'
+  batch uncapped); past that it goes to the replica with the most headroom: fewest interactive
+  requests in flight, then the shortest recent step time, then the most free KV blocks;
 - batch lines are claimed from the store (earliest deadline first, fair share between batches of
   equal deadline: see ``BatchStore.claim_lines``) only up to ``batch_watermark`` in flight per
   replica, and only while the replica's batch lines fit in its batch share of the KV cache
@@ -88,7 +90,8 @@ class Inflight:
 
 class Router:
     def __init__(self, frontend, store, model_name: str, batch_watermark: int, chat_kv_reserve: float = 0.1,
-                 dedicated_chat_replicas: int = 0) -> None:
+                 dedicated_chat_replicas: int = 0, chat_pack_limit: int = 0) -> None:
+        self.chat_pack_limit = chat_pack_limit
         self.frontend = frontend
         self.store = store
         self.model_name = model_name
@@ -143,11 +146,21 @@ class Router:
 
     # ------------------------------------------------------------------ chat
     def pick_replica(self):
-        """The chat replica with the most headroom: fewest interactive requests in flight (they
-        share its steps), then the shortest recent step time, then the most free KV blocks."""
+        """Where a chat goes. Packing first: the replica already serving the most chat, as long as it
+        has fewer than ``chat_pack_limit`` (a replica with chat active caps its batch work, so fewer
+        such replicas means more batch throughput at the same chat latency). Otherwise the replica
+        with the most headroom: fewest interactive requests in flight (they share its steps), then
+        the shortest recent step time, then the most free KV blocks."""
         reps = [r for r in self.pool.replicas.values() if not r.is_batch_only]
-        return min(reps, key=lambda r: (r.num_inflight - r.num_inflight_batch, round(r.load.recent_step_time_s, 3),
-                                        -r.load.num_free_kv_blocks, r.replica_id))
+
+        def chats(r) -> int:
+            return r.num_inflight - r.num_inflight_batch
+
+        packable = [r for r in reps if 0 < chats(r) < self.chat_pack_limit]
+        if packable:
+            return max(packable, key=lambda r: (chats(r), -r.replica_id))
+        return min(reps, key=lambda r: (chats(r), round(r.load.recent_step_time_s, 3), -r.load.num_free_kv_blocks,
+                                        r.replica_id))
 
     def submit(self, req_id: str | None, ids: list[int], params: SamplingParams, request_class: int) -> Inflight:
         if not self.is_ready:

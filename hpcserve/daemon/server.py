@@ -99,7 +99,8 @@ class _Daemon:
         router = Router(frontend, store, model_name,
                         batch_watermark=cfg.daemon.batch_watermark or cfg.engine.max_num_seqs,
                         chat_kv_reserve=cfg.daemon.chat_kv_reserve,
-                        dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas)
+                        dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas,
+                        chat_pack_limit=cfg.daemon.chat_pack_limit)
         server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20),
             ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail, not share it

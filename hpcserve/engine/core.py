@@ -145,6 +145,24 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0 or bool(self._aborted)
 
     # ----------------------------------------------------------------- step
+    def calibrate(self, prompt_lens: tuple[int, ...] = (8, 64, 256), num_decodes: int = 8) -> None:
+        """Warm up and calibrate the step-time model before serving: a few throw-away requests
+        with prompts of different lengths (one prefill step each, then decodes together), so the
+        ITL cap works from the first real request. Leaves the engine empty and the prefix cache
+        clear. A no-op while requests are queued."""
+        if self.has_unfinished_requests():
+            return
+        limit = min(self.config.max_num_batched_tokens, self.max_model_len - num_decodes - 1)
+        vocab = self.model_config.vocab_size
+        params = SamplingParams(max_tokens=num_decodes, temperature=0, ignore_eos=True)
+        for i, n in enumerate(sorted({max(1, min(n, limit)) for n in prompt_lens})):
+            ids = [(7 + 31 * j + i) % vocab for j in range(n)]
+            self.add_request(f"__calibrate-{i}", ids, params)
+            self.step()  # the prefill alone: one observation per size
+        while self.has_unfinished_requests():
+            self.step()
+        self.kv.reset_prefix_cache()
+
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(r, "") for r in self._aborted]
         self._aborted = []
