@@ -63,11 +63,11 @@ batch-class item, when all interactive work of the step is known (T tokens):
   and prefill chunks are taken in serving order while they fit; a prefill chunk
   is cut to what fits (any size >= 1); a request that does not fit is skipped.
 - no chat: all batch decodes are scheduled as before (decode batching is where the
-  throughput is), and prefill chunks are cut so that the step stays within
-  ``max(itl_target_s, predict(the step with all its decodes))``: a chat request
-  arriving meanwhile waits about one ITL target (or one decode step) at most.
-  While decodes run, a prefill that does not fit waits (no floor for it). A target
-  below the fixed step cost ``a`` leaves batch prefill at the 1-token floor.
+  throughput is), and prefill chunks get ``itl_target_s`` of predicted time on top:
+  the step stays within ``predict(the step with all its decodes) + itl_target_s``.
+  So prefill always advances (a cap of the decodes alone would starve it once the
+  decode batch is large, and the running set would drain), and a chat request
+  arriving meanwhile waits at most one decode step plus one ITL target.
 - floor: if batch work is runnable, at least one batch token (the first batch
   item in serving order) is scheduled in every step, whatever the cap, so batch
   never starves. The step's token budget and ``max_num_seqs`` still apply.
@@ -460,7 +460,7 @@ class _BatchCap:
             if r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1:
                 self.res_tokens += 1
                 self.res_context += r.num_tokens
-        self.cap = max(self.target, m.predict(self.tokens + self.res_tokens, self.context + self.res_context))
+        self.cap = m.predict(self.tokens + self.res_tokens, self.context + self.res_context) + self.target
 
     def limit(self, start: int, want: int, decode: bool) -> int:
         """How many of ``want`` tokens starting at ``start`` fit (0: skip this request)."""
