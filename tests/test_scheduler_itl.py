@@ -255,22 +255,37 @@ def test_no_chat_decodes_exempt_prefill_gets_the_target_on_top():
     assert_matches_reference(d, batch + [late])
 
 
-def test_no_chat_prefill_advances_however_long_the_decode_step():
-    # the decodes alone (1.0 + 0.1 each) exceed the target 0.55, yet every step still gives
-    # a waiting prompt 0.55 s of prefill (5 tokens): the running set never drains for lack of it
-    sched, d = make(num_blocks=200, budget=64, cost_model=fixed(), itl_target_s=0.55)
+def test_no_chat_prefill_advances_while_decodes_fit():
+    # decodes 1.4, target 0.75: cap min(1.4 + 0.75, max(1.5, 2a = 2.0)) = 2.0, so a waiting
+    # prompt gets prefill every step: the running set never drains for lack of it
+    sched, d = make(num_blocks=200, budget=64, cost_model=fixed(), itl_target_s=0.75)
     batch = [req(f"b{k}", prompt_of(6, k), priority=B, max_tokens=12, ignore_eos=True) for k in range(4)]
     _decoding(sched, d, batch)
     late = req("late", prompt_of(12, 7), priority=B, max_tokens=3, ignore_eos=True)
     sched.add_request(late)
     out = d.step()
     assert shape(out)[:4] == [(r.req_id, r.num_computed_tokens - 1, 1) for r in batch]
-    assert shape(out)[4] == ("late", 0, 5)
-    assert sched.last_cap_s == pytest.approx(1.4 + 0.55)
-    out = d.step()
-    assert shape(out)[4] == ("late", 5, 5)
+    assert shape(out)[4][0] == "late" and shape(out)[4][2] >= 1
+    assert sched.last_cap_s == pytest.approx(2.0)
     d.run()
     assert_matches_reference(d, batch + [late])
+
+
+def test_no_chat_step_is_bounded_decodes_take_turns():
+    # a=0.5, b=0.1: 8 decodes (1.3) exceed the bound max(2 x 0.52, 2 x 0.5) = 1.04, so
+    # 5 decodes fit per step (1.0) and the 8 take turns; all finish as the reference
+    sched, d = make(num_blocks=200, budget=64, cost_model=fixed(a=0.5), itl_target_s=0.52)
+    batch = [req(f"b{k}", prompt_of(6, k), priority=B, max_tokens=8, ignore_eos=True) for k in range(8)]
+    _decoding(sched, d, batch)
+    for _ in range(40):
+        left = sum(not r.is_finished for r in batch)
+        if not left:
+            break
+        out = d.step()
+        assert len(out.seqs) == min(5, left) and sched.last_cap_s == pytest.approx(1.04)
+    assert all(r.is_finished for r in batch)
+    d.run()
+    assert_matches_reference(d, batch)
 
 
 # ================================================================== randomized

@@ -62,12 +62,13 @@ batch-class item, when all interactive work of the step is known (T tokens):
   (just ``itl_target_s`` if no interactive token was scheduled). Batch decodes
   and prefill chunks are taken in serving order while they fit; a prefill chunk
   is cut to what fits (any size >= 1); a request that does not fit is skipped.
-- no chat: all batch decodes are scheduled as before (decode batching is where the
-  throughput is), and prefill chunks get ``itl_target_s`` of predicted time on top:
-  the step stays within ``predict(the step with all its decodes) + itl_target_s``.
-  So prefill always advances (a cap of the decodes alone would starve it once the
-  decode batch is large, and the running set would drain), and a chat request
-  arriving meanwhile waits at most one decode step plus one ITL target.
+- no chat: the step may take ``min(predict(all batch decodes) + itl_target_s,
+  max(NO_CHAT_STEP_TARGETS * itl_target_s, 2 * the fixed step cost))``. While all decodes fit they are all
+  scheduled (decode batching is where the throughput is) and prefill chunks get the
+  rest, so prefill always advances (a cap of the decodes alone would starve it and
+  the running set would drain). If the decodes alone exceed the bound, they take
+  turns in serving order (oldest first). Either way a chat request that arrives
+  meanwhile waits at most about ``NO_CHAT_STEP_TARGETS`` ITL targets.
 - floor: if batch work is runnable, at least one batch token (the first batch
   item in serving order) is scheduled in every step, whatever the cap, so batch
   never starves. The step's token budget and ``max_num_seqs`` still apply.
@@ -436,6 +437,9 @@ class Scheduler:
         return None
 
 
+NO_CHAT_STEP_TARGETS = 2.0  # no chat active: a step is bounded by this many ITL targets
+
+
 class _BatchCap:
     """One step's cap on batch-class work (priority > ``PRIORITY_INTERACTIVE``), in
     predicted seconds; see the module docstring. Created per step, opened at the
@@ -448,6 +452,7 @@ class _BatchCap:
         self.res_tokens = self.res_context = 0  # batch decodes still to come (no-chat mode)
         self.cap: float | None = None
         self.hit = False
+        self.decodes_exempt = True  # no-chat mode: every decode fits under the cap
 
     def open(self, rest: list[Request]) -> None:
         """``rest``: the running requests not served yet in this step (all batch-class)."""
@@ -460,11 +465,16 @@ class _BatchCap:
             if r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1:
                 self.res_tokens += 1
                 self.res_context += r.num_tokens
-        self.cap = m.predict(self.tokens + self.res_tokens, self.context + self.res_context) + self.target
+        decodes = m.predict(self.tokens + self.res_tokens, self.context + self.res_context)
+        bound = max(NO_CHAT_STEP_TARGETS * self.target, 2 * m.predict(0, 0))  # never below two fixed step costs
+        self.cap = min(decodes + self.target, bound)
+        if decodes > self.cap:  # too many decodes for one bounded step: they take turns, oldest first
+            self.res_tokens = self.res_context = 0
+            self.decodes_exempt = False
 
     def limit(self, start: int, want: int, decode: bool) -> int:
         """How many of ``want`` tokens starting at ``start`` fit (0: skip this request)."""
-        if decode and not self.chat:  # exempt, its time is part of the cap
+        if decode and not self.chat and self.decodes_exempt:  # its time is part of the cap
             self.res_tokens = max(0, self.res_tokens - 1)
             self.res_context = max(0, self.res_context - start - 1)
             return want
