@@ -386,3 +386,31 @@ def test_randomized_cap_binds():
         d.run()
         assert_matches_reference(d, reqs)
     assert hits > 10
+
+
+def test_chat_prefill_is_chunked_next_to_chat_decodes():
+    # one chat decoding (1 token); a new 60-token chat prompt: 1.0 + 0.1 * (1 + n) <= 3.05 -> n = 19
+    sched, d = make(num_blocks=200, budget=64, cost_model=fixed(), itl_target_s=3.05)
+    first = req("c0", prompt_of(6, 1), priority=I, max_tokens=20, ignore_eos=True)
+    _decoding(sched, d, [first])
+    late = req("c1", prompt_of(60, 2), priority=I, max_tokens=3, ignore_eos=True)
+    sched.add_request(late)
+    out = d.step()
+    assert ("c1", 0, 19) in shape(out) and any(x[0] == "c0" for x in shape(out))
+    out = d.step()
+    assert ("c1", 19, 19) in shape(out)
+    d.run()
+    assert_matches_reference(d, [first, late])
+
+
+def test_chat_prefill_alone_is_not_chunked_and_never_below_the_minimum():
+    sched, d = make(num_blocks=200, budget=64, cost_model=fixed(), itl_target_s=0.5)
+    alone = req("c0", prompt_of(60, 1), priority=I, max_tokens=2, ignore_eos=True)
+    sched.add_request(alone)
+    assert shape(d.step()) == [("c0", 0, 60)]  # nobody to stall
+    d.run()
+    sched2, d2 = make(num_blocks=200, budget=64, cost_model=fixed(), itl_target_s=0.5)
+    first = req("c0", prompt_of(6, 1), priority=I, max_tokens=20, ignore_eos=True)
+    _decoding(sched2, d2, [first])
+    sched2.add_request(req("c1", prompt_of(60, 2), priority=I, max_tokens=3, ignore_eos=True))
+    assert ("c1", 0, 16) in shape(d2.step())  # the target leaves no room: the minimum chunk

@@ -69,6 +69,10 @@ batch-class item, when all interactive work of the step is known (T tokens):
   the running set would drain). If the decodes alone exceed the bound, they take
   turns in serving order (oldest first). Either way a chat request that arrives
   meanwhile waits at most about ``NO_CHAT_STEP_TARGETS`` ITL targets.
+- chat prefill next to chat decodes: an interactive prefill chunk is cut so the step
+  stays within ``itl_target_s`` (never below ``MIN_CHAT_PREFILL_CHUNK`` tokens) while
+  another interactive request is decoding, so a new prompt does not stall running
+  streams (Sarathi-style chunked prefill); with no other chat decoding it is not cut.
 - floor: if batch work is runnable, at least one batch token (the first batch
   item in serving order) is scheduled in every step, whatever the cap, so batch
   never starves. The step's token budget and ``max_num_seqs`` still apply.
@@ -90,6 +94,7 @@ from dataclasses import dataclass, field
 
 from hpcserve.engine.kv_cache import KVCacheManager
 from hpcserve.engine.request import PRIORITY_INTERACTIVE, Request, RequestStatus, SamplingParams, TokenLogprob
+from hpcserve.engine.step_budget import BatchCap
 from hpcserve.engine.step_cost import StepCostModel
 
 
@@ -134,6 +139,9 @@ class SamplerResult:
     logprob: TokenLogprob | None = None
 
 
+MIN_CHAT_PREFILL_CHUNK = 16  # tokens: an interactive prefill chunk is never cut below this
+
+
 class Scheduler:
     def __init__(
         self,
@@ -163,7 +171,7 @@ class Scheduler:
         self.cost_model = cost_model
         self.itl_target_s = itl_target_s
         self.batch_step_slowdown = batch_step_slowdown
-        self._cap: _BatchCap | None = None  # this step's batch cap, while schedule() runs
+        self._cap: BatchCap | None = None  # this step's batch cap, while schedule() runs
         self.last_cap_s: float | None = None  # cap applied to the last step's batch work (logs, tests)
         self.last_cap_hit = False  # the last step left batch work out because of the cap
 
@@ -258,6 +266,8 @@ class Scheduler:
             i += 1
             req = nxt
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.priority <= PRIORITY_INTERACTIVE:
+                num_new = self._chat_prefill_chunk(req, req.num_computed_tokens, num_new, cap, done)
             if cap is not None and req.priority > PRIORITY_INTERACTIVE:
                 if cap.cap is None:
                     cap.open(order[i - 1 :])
@@ -305,14 +315,29 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
-    def _new_cap(self) -> _BatchCap | None:
+    def _new_cap(self) -> BatchCap | None:
         m, target = self.cost_model, self.itl_target_s
         if m is None or target is None or m.coefficients is None:
             return None
         chat = any(r.priority <= PRIORITY_INTERACTIVE for r in self.running) or bool(
             self.waiting and self.waiting[0].priority <= PRIORITY_INTERACTIVE
         )
-        return _BatchCap(m, target, self.batch_step_slowdown, chat)
+        return BatchCap(m, target, self.batch_step_slowdown, chat)
+
+    def _chat_prefill_chunk(self, req: Request, start: int, want: int, cap: BatchCap | None, done: set[str]) -> int:
+        """An interactive prefill next to other chats' decodes is chunked so the step stays within
+        the ITL target (at least ``MIN_CHAT_PREFILL_CHUNK`` tokens), so a new prompt does not stall
+        the streams already running; with no other chat decoding it is not cut."""
+        if cap is None or want <= MIN_CHAT_PREFILL_CHUNK:
+            return want
+        others = [r for r in self.running if r is not req and r.priority <= PRIORITY_INTERACTIVE
+                  and r.num_tokens - r.num_computed_tokens == 1]
+        if not others:
+            return want
+        pending = [r for r in others if r.req_id not in done]  # decodes still to come in this step
+        n = cap.model.max_new_tokens(cap.target, cap.tokens + len(pending),
+                                     cap.context + sum(r.num_tokens for r in pending), start, want)
+        return min(want, max(n, MIN_CHAT_PREFILL_CHUNK))
 
     def _growth_victim(self, done: set[str]) -> Request:
         """Least urgent running request not yet scheduled in this step, the most recently
@@ -337,6 +362,8 @@ class Scheduler:
             return None, []
         cached_ids, num_cached = self.kv.find_cached_prefix(req)
         num_new = min(req.num_tokens - num_cached, budget)
+        if req.priority <= PRIORITY_INTERACTIVE:
+            num_new = self._chat_prefill_chunk(req, num_cached, num_new, self._cap, done)
         if self._cap is not None and req.priority > PRIORITY_INTERACTIVE:
             num_new = self._cap.limit(num_cached, num_new, decode=False)
             if num_new == 0:
@@ -435,60 +462,3 @@ class Scheduler:
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
-
-
-NO_CHAT_STEP_TARGETS = 2.0  # no chat active: a step is bounded by this many ITL targets
-
-
-class _BatchCap:
-    """One step's cap on batch-class work (priority > ``PRIORITY_INTERACTIVE``), in
-    predicted seconds; see the module docstring. Created per step, opened at the
-    step's first batch-class item (all interactive work is scheduled by then)."""
-
-    def __init__(self, model: StepCostModel, target: float, slowdown: float, chat: bool) -> None:
-        self.model, self.target, self.slowdown, self.chat = model, target, slowdown, chat
-        self.tokens = self.context = 0  # the step so far
-        self.batch_tokens = 0  # batch-class tokens scheduled so far
-        self.res_tokens = self.res_context = 0  # batch decodes still to come (no-chat mode)
-        self.cap: float | None = None
-        self.hit = False
-        self.decodes_exempt = True  # no-chat mode: every decode fits under the cap
-
-    def open(self, rest: list[Request]) -> None:
-        """``rest``: the running requests not served yet in this step (all batch-class)."""
-        m = self.model
-        if self.chat:
-            base = m.predict(self.tokens, self.context) * (1 + self.slowdown) if self.tokens else self.target
-            self.cap = min(self.target, base)
-            return
-        for r in rest:
-            if r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1:
-                self.res_tokens += 1
-                self.res_context += r.num_tokens
-        decodes = m.predict(self.tokens + self.res_tokens, self.context + self.res_context)
-        bound = max(NO_CHAT_STEP_TARGETS * self.target, 2 * m.predict(0, 0))  # never below two fixed step costs
-        self.cap = min(decodes + self.target, bound)
-        if decodes > self.cap:  # too many decodes for one bounded step: they take turns, oldest first
-            self.res_tokens = self.res_context = 0
-            self.decodes_exempt = False
-
-    def limit(self, start: int, want: int, decode: bool) -> int:
-        """How many of ``want`` tokens starting at ``start`` fit (0: skip this request)."""
-        if decode and not self.chat and self.decodes_exempt:  # its time is part of the cap
-            self.res_tokens = max(0, self.res_tokens - 1)
-            self.res_context = max(0, self.res_context - start - 1)
-            return want
-        n = self.model.max_new_tokens(
-            self.cap, self.tokens + self.res_tokens, self.context + self.res_context, start, want
-        )
-        if n == 0 and self.batch_tokens == 0 and self.res_tokens == 0:
-            n = 1  # the floor: batch always progresses
-        if n < want:
-            self.hit = True
-        return n
-
-    def add(self, req: Request, start: int, n: int) -> None:
-        self.tokens += n
-        self.context += start + n
-        if req.priority > PRIORITY_INTERACTIVE:
-            self.batch_tokens += n
