@@ -1,5 +1,6 @@
 """KV-cache handoff between prefill and decode ranks (issue #5).
 
+- :mod:`hpcserve.transfer.geometry`: :class:`KVGeometry` and layer groups (no torch).
 - :mod:`hpcserve.transfer.base`: the connector contract (scheduler side, worker side,
   :class:`TransferState`, :class:`TransferMeta`, :class:`KVGeometry`). No torch.
 - :mod:`hpcserve.transfer.packing`: blocks of the paged KV cache ⇄ one contiguous
