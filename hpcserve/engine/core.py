@@ -102,6 +102,25 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (tokens sent, logprobs sent)
         self._aborted: list[Request] = []
+        self.handoff = None  # KVHandoff (engine/handoff.py) on prefill/decode replicas: attach_handoff()
+
+    def attach_handoff(self, connector, rank: int, target_group_bytes: int = 4 << 20):
+        """Make this replica a producer and/or consumer of KV handoffs over ``connector``
+        (a ``hpcserve.transfer.KVConnectorWorker``); the model polls it between layers so
+        transfers progress during compute."""
+        from hpcserve.engine.handoff import KVHandoff
+        from hpcserve.transfer.packing import geometry_of
+
+        self.handoff = KVHandoff(self, connector, geometry_of(self.runner.kv_cache), rank,
+                                 target_group_bytes=target_group_bytes)
+        handoff = self.handoff
+
+        def progress() -> None:
+            if connector.num_active:
+                connector.poll()
+
+        self.runner.model.layer_hook = progress
+        return handoff
 
     # ------------------------------------------------------------ test hooks
     @property
@@ -120,10 +139,34 @@ class LLMEngine:
         return self.frontend.tokenize(prompt)
 
     def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = PRIORITY_INTERACTIVE) -> Request:
+                    priority: int = PRIORITY_INTERACTIVE, prefill_only: bool = False) -> Request:
         """Queue a request. ``priority``: ``PRIORITY_INTERACTIVE`` (0) runs ahead of
-        ``PRIORITY_BATCH`` (1) in every step; see the scheduler."""
-        if req_id in self.scheduler.requests:
+        ``PRIORITY_BATCH`` (1) in every step; see the scheduler. ``prefill_only`` (a prefill
+        replica, needs ``attach_handoff``): compute the prompt, keep its KV for a handoff and
+        produce no output unless it is aborted."""
+        req = self._new_request(req_id, prompt, params, priority)
+        if prefill_only:
+            if self.handoff is None:
+                raise RequestError("prefill_only needs a KV handoff connector on this replica", code="server_error")
+            req.sampling_params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            self.handoff.add_prefill_only(req_id)
+        self.scheduler.add_request(req)
+        return req
+
+    def add_remote_request(self, req_id: str, prompt: list[int], params: SamplingParams, priority: int,
+                           src_rank: int, src_block_ids: list[int], num_tokens: int,
+                           num_cached_tokens: int = 0) -> Request:
+        """Queue a request whose first ``num_tokens`` prompt tokens' KV arrives from the prefill
+        replica at ``src_rank`` (its blocks ``src_block_ids``); see ``engine/handoff.py``."""
+        if self.handoff is None:
+            raise RequestError("remote_prefill needs a KV handoff connector on this replica", code="server_error")
+        req = self._new_request(req_id, prompt, params, priority)
+        req.num_cached_tokens = num_cached_tokens
+        self.handoff.add_remote(req, src_rank, src_block_ids, num_tokens)
+        return req
+
+    def _new_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int) -> Request:
+        if req_id in self.scheduler.requests or (self.handoff is not None and self.handoff.owns(req_id)):
             raise RequestError(f"request id {req_id!r} is already in use", field="req_id")
         params.validate()
         ids = self.tokenize(prompt)
@@ -131,11 +174,12 @@ class LLMEngine:
         req = Request(req_id, ids, params, self.eos_token_ids, priority=priority)
         self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self._sent[req_id] = (0, 0)
-        self.scheduler.add_request(req)
         return req
 
     def abort_request(self, req_id: str) -> bool:
-        req = self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
+        req = self.handoff.abort(req_id) if self.handoff is not None else None
+        if req is None:
+            req = self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
         if req is None:
             return False
         self._aborted.append(req)
@@ -143,6 +187,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._aborted)
+
+    def has_handoff_work(self) -> bool:
+        """KV transfers, held prompt blocks or queued receives that need ``handoff.poll()``."""
+        return self.handoff is not None and self.handoff.has_pending_work
 
     # ----------------------------------------------------------------- step
     def calibrate(self, prompt_lens: tuple[int, ...] = (8, 64, 256), num_decodes: int = 8) -> None:
@@ -174,6 +222,10 @@ class LLMEngine:
             ctx = sum(s.context_len for s in sched_out.seqs)
             self.cost_model.observe(sched_out.num_batched_tokens, ctx, time.perf_counter() - t0)
         for req, _ in events:
+            if self.handoff is not None and self.handoff.is_held(req.req_id):
+                self._detok.pop(req.req_id, None)  # prefill-only: its KV is the output
+                self._sent.pop(req.req_id, None)
+                continue
             detok = self._detok[req.req_id]
             delta = detok.add_tokens(req.output_token_ids[self._sent[req.req_id][0] :])
             if detok.stop_hit is not None and not req.is_finished:

@@ -82,6 +82,12 @@ no per-step state for it). ``last_cap_s`` / ``last_cap_hit`` record the last ste
 cap and whether it cut batch work. Without a cost model or target, or before the
 model is calibrated, nothing is capped.
 
+KV handoff (disaggregated prefill/decode, ``hpcserve.engine.handoff``): ``keep_blocks(req)``
+may keep a finished request's blocks for a transfer still reading them; ``add_prefilled``
+queues a request that already holds the blocks of its handed-off prompt KV (admitted like
+any waiting request, computing only the rest); ``make_room`` preempts less urgent requests
+so a handoff can land.
+
 Stop conditions decided here are token-level: EOS (unless ``ignore_eos``),
 ``stop_token_ids``, ``max_tokens``, and the model length. Stop *strings* need text,
 so the engine calls ``finish_request`` when the detokenizer reports one.
@@ -90,6 +96,7 @@ so the engine calls ``finish_request`` when the detokenizer reports one.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hpcserve.engine.kv_cache import KVCacheManager
@@ -174,6 +181,9 @@ class Scheduler:
         self._cap: BatchCap | None = None  # this step's batch cap, while schedule() runs
         self.last_cap_s: float | None = None  # cap applied to the last step's batch work (logs, tests)
         self.last_cap_hit = False  # the last step left batch work out because of the cap
+        # KV handoff (engine/handoff.py): True = a transfer still reads the finished request's
+        # blocks; the hook's owner frees them later
+        self.keep_blocks: Callable[[Request], bool] | None = None
 
     # ------------------------------------------------------------- admission
     def add_request(self, req: Request) -> None:
@@ -210,9 +220,29 @@ class Scheduler:
             except ValueError:
                 pass
         req.status = status
-        self.kv.free(req)
+        if self.keep_blocks is None or not self.keep_blocks(req):
+            self.kv.free(req)
         self._finished_since_step.append(req_id)
         return req
+
+    def add_prefilled(self, req: Request) -> None:
+        """Queue a request that already holds blocks with the KV of its first
+        ``num_computed_tokens`` tokens (handed off from a prefill replica): it is admitted like
+        any waiting request (priority, FCFS) and computes only the rest."""
+        if req.req_id in self.requests:
+            raise ValueError(f"duplicate req_id {req.req_id!r}")
+        self.requests[req.req_id] = req
+        self._enqueue(req, front_of_class=False)
+
+    def make_room(self, num_blocks: int, priority: int) -> bool:
+        """Preempt running requests of a strictly less urgent class (least urgent, most recently
+        admitted first) until ``num_blocks`` blocks are free; True if they are. Used before a
+        KV handoff into this replica; never called inside ``schedule()``."""
+        for v in sorted((r for r in reversed(self.running) if r.priority > priority), key=lambda r: -r.priority):
+            if self.kv.num_free_blocks >= num_blocks:
+                break
+            self._preempt(v)
+        return self.kv.num_free_blocks >= num_blocks
 
     @property
     def num_unfinished(self) -> int:
@@ -360,7 +390,8 @@ class Scheduler:
         )
         if len(self.running) >= self.max_num_seqs and not candidates:
             return None, []
-        cached_ids, num_cached = self.kv.find_cached_prefix(req)
+        prefilled = bool(req.block_ids)  # KV handed off from a prefill replica (add_prefilled)
+        cached_ids, num_cached = ([], req.num_computed_tokens) if prefilled else self.kv.find_cached_prefix(req)
         num_new = min(req.num_tokens - num_cached, budget)
         if req.priority <= PRIORITY_INTERACTIVE:
             num_new = self._chat_prefill_chunk(req, num_cached, num_new, self._cap, done)
@@ -378,7 +409,7 @@ class Scheduler:
             if not self.kv.allocate(req, num_new, cached_ids):  # cannot happen: _victims_to_fit counted
                 return None, victims
         self.waiting.popleft()
-        if req.status == RequestStatus.WAITING:
+        if req.status == RequestStatus.WAITING and not prefilled:
             req.num_cached_tokens = num_cached
         req.num_computed_tokens = num_cached
         req.status = RequestStatus.RUNNING
@@ -396,7 +427,10 @@ class Scheduler:
         from the free list if nobody else holds it."""
         kv = self.kv
         bs = kv.block_size
-        n_new = max(0, -(-(len(cached_ids) * bs + num_new) // bs) - len(cached_ids))
+        if req.block_ids:  # prefilled: holds its blocks already
+            n_new = kv.blocks_needed(req, num_new)
+        else:
+            n_new = max(0, -(-(len(cached_ids) * bs + num_new) // bs) - len(cached_ids))
         reused = set(cached_ids)
         need = n_new + sum(1 for b in cached_ids if kv.ref_cnt[b] == 0)
         free = kv.num_free_blocks

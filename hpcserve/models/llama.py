@@ -101,6 +101,7 @@ class LlamaModel:
         self.lm_head = make_linear(self.embed if (cfg.tie_word_embeddings or lm is None) else lm, None)
         self.norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
+        self.layer_hook = None  # called after each layer's attention (KV handoff progress), if set
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             L = _Layer()
@@ -172,6 +173,8 @@ class LlamaModel:
                 q = self._rope(rms_norm(qkv[:, :q_size].view(T, H, D), L.q_norm, eps), cos, sin)
                 k = self._rope(rms_norm(qkv[:, q_size : q_size + kv_size].view(T, KV, D), L.k_norm, eps), cos, sin)
             o = self.attn.forward(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            if self.layer_hook is not None:
+                self.layer_hook()
             x = x + L.o(o.view(T, q_size))
             h = rms_norm(x, L.post_norm, eps)
             gu = L.gate_up(h)
@@ -202,6 +205,8 @@ class LlamaModel:
                 q = self._rope(rms_norm(heads[:, :H], L.q_norm, eps), cos, sin)
                 k = self._rope(rms_norm(heads[:, H : H + KV], L.k_norm, eps), cos, sin)
             o = self.attn.forward(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            if self.layer_hook is not None:
+                self.layer_hook()
             h = ops.add_rms_norm(x, L.o(o.view(T, q_size)), L.post_norm, eps)
             nxt = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
             h = ops.add_rms_norm(x, L.down(ops.silu_mul(L.gate_up(h))), nxt, eps)

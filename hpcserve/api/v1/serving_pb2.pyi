@@ -107,6 +107,22 @@ class TokenLogprob(_message.Message):
     token: str
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., token: _Optional[str] = ...) -> None: ...
 
+class RequestMetrics(_message.Message):
+    __slots__ = ("prefill_replica_id", "decode_replica_id", "disaggregated", "kv_handoff_s", "kv_handoff_bytes", "kv_handoff_failed")
+    PREFILL_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    DECODE_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_S_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_FAILED_FIELD_NUMBER: _ClassVar[int]
+    prefill_replica_id: int
+    decode_replica_id: int
+    disaggregated: bool
+    kv_handoff_s: float
+    kv_handoff_bytes: int
+    kv_handoff_failed: bool
+    def __init__(self, prefill_replica_id: _Optional[int] = ..., decode_replica_id: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., kv_handoff_s: _Optional[float] = ..., kv_handoff_bytes: _Optional[int] = ..., kv_handoff_failed: _Optional[bool] = ...) -> None: ...
+
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -164,36 +180,40 @@ class CompletionRequest(_message.Message):
     def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., request_class: _Optional[_Union[RequestClass, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ChatChunk(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage", "metrics")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     finish_reason: FinishReason
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    metrics: RequestMetrics
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics: _Optional[_Union[RequestMetrics, _Mapping]] = ...) -> None: ...
 
 class CompletionChunk(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage", "metrics")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     finish_reason: FinishReason
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    metrics: RequestMetrics
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics: _Optional[_Union[RequestMetrics, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -360,7 +380,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "role", "ranks", "num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s", "num_steps", "num_preemptions", "is_chat_only", "is_batch_only")
+    __slots__ = ("replica_id", "role", "ranks", "num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s", "num_steps", "num_preemptions", "is_chat_only", "is_batch_only", "kv")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +396,7 @@ class ReplicaInfo(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     IS_CHAT_ONLY_FIELD_NUMBER: _ClassVar[int]
     IS_BATCH_ONLY_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     replica_id: int
     role: ReplicaRole
     ranks: _containers.RepeatedScalarFieldContainer[int]
@@ -391,7 +412,28 @@ class ReplicaInfo(_message.Message):
     num_preemptions: int
     is_chat_only: bool
     is_batch_only: bool
-    def __init__(self, replica_id: _Optional[int] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., ranks: _Optional[_Iterable[int]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., is_chat_only: _Optional[bool] = ..., is_batch_only: _Optional[bool] = ...) -> None: ...
+    kv: KvHandoffInfo
+    def __init__(self, replica_id: _Optional[int] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., ranks: _Optional[_Iterable[int]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., is_chat_only: _Optional[bool] = ..., is_batch_only: _Optional[bool] = ..., kv: _Optional[_Union[KvHandoffInfo, _Mapping]] = ...) -> None: ...
+
+class KvHandoffInfo(_message.Message):
+    __slots__ = ("num_sent", "num_received", "num_failed", "bytes_sent", "bytes_received", "num_checksum_verified", "num_active", "num_fallbacks")
+    NUM_SENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_FAILED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHECKSUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    NUM_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    num_sent: int
+    num_received: int
+    num_failed: int
+    bytes_sent: int
+    bytes_received: int
+    num_checksum_verified: int
+    num_active: int
+    num_fallbacks: int
+    def __init__(self, num_sent: _Optional[int] = ..., num_received: _Optional[int] = ..., num_failed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., num_checksum_verified: _Optional[int] = ..., num_active: _Optional[int] = ..., num_fallbacks: _Optional[int] = ...) -> None: ...
 
 class Allocation(_message.Message):
     __slots__ = ("job_id", "nodes", "end_time", "seconds_left")

@@ -18,16 +18,18 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., step_outputs: _Optional[_Union[StepOutputs, _Mapping]] = ..., load_report: _Optional[_Union[LoadReport, _Mapping]] = ...) -> None: ...
 
 class DaemonMessage(_message.Message):
-    __slots__ = ("welcome", "add_request", "abort_requests", "shutdown")
+    __slots__ = ("welcome", "add_request", "abort_requests", "shutdown", "start_kv_send")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ADD_REQUEST_FIELD_NUMBER: _ClassVar[int]
     ABORT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    START_KV_SEND_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     add_request: AddRequest
     abort_requests: AbortRequests
     shutdown: Shutdown
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., add_request: _Optional[_Union[AddRequest, _Mapping]] = ..., abort_requests: _Optional[_Union[AbortRequests, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+    start_kv_send: StartKvSend
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., add_request: _Optional[_Union[AddRequest, _Mapping]] = ..., abort_requests: _Optional[_Union[AbortRequests, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., start_kv_send: _Optional[_Union[StartKvSend, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("rank", "replica_id", "role", "world_size", "secret", "hostname", "pid", "max_model_len", "num_kv_blocks", "block_size", "num_ranks")
@@ -84,7 +86,7 @@ class StepOutputs(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_preemptions", "num_steps", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s")
+    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_preemptions", "num_steps", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s", "kv")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class LoadReport(_message.Message):
     NUM_OUTPUT_TOKENS_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_BATCH_FIELD_NUMBER: _ClassVar[int]
     BUSY_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_free_kv_blocks: int
@@ -105,7 +108,28 @@ class LoadReport(_message.Message):
     num_output_tokens_interactive: int
     num_output_tokens_batch: int
     busy_time_s: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ...) -> None: ...
+    kv: KvCounters
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ..., kv: _Optional[_Union[KvCounters, _Mapping]] = ...) -> None: ...
+
+class KvCounters(_message.Message):
+    __slots__ = ("num_sent", "num_received", "num_failed", "bytes_sent", "bytes_received", "num_checksum_verified", "num_active", "num_fallbacks")
+    NUM_SENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_FAILED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHECKSUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    NUM_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    num_sent: int
+    num_received: int
+    num_failed: int
+    bytes_sent: int
+    bytes_received: int
+    num_checksum_verified: int
+    num_active: int
+    num_fallbacks: int
+    def __init__(self, num_sent: _Optional[int] = ..., num_received: _Optional[int] = ..., num_failed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., num_checksum_verified: _Optional[int] = ..., num_active: _Optional[int] = ..., num_fallbacks: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("replica_id", "config_json")
@@ -116,18 +140,80 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "request_class", "eos_token_ids")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "request_class", "eos_token_ids", "prefill_only", "remote_prefill")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _serving_pb2.SamplingParams
     request_class: _serving_pb2.RequestClass
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_serving_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_serving_pb2.RequestClass, str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefill_only: bool
+    remote_prefill: RemotePrefill
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_serving_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_serving_pb2.RequestClass, str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_only: _Optional[bool] = ..., remote_prefill: _Optional[_Union[RemotePrefill, _Mapping]] = ...) -> None: ...
+
+class RemotePrefill(_message.Message):
+    __slots__ = ("src_rank", "src_block_ids", "num_tokens", "num_cached_tokens")
+    SRC_RANK_FIELD_NUMBER: _ClassVar[int]
+    SRC_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    src_rank: int
+    src_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    num_cached_tokens: int
+    def __init__(self, src_rank: _Optional[int] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class StartKvSend(_message.Message):
+    __slots__ = ("request_id", "meta_json")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    META_JSON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    meta_json: str
+    def __init__(self, request_id: _Optional[str] = ..., meta_json: _Optional[str] = ...) -> None: ...
+
+class KvEvent(_message.Message):
+    __slots__ = ("ready", "recv_meta_json", "result")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    RECV_META_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ready: KvReady
+    recv_meta_json: str
+    result: KvTransferResult
+    def __init__(self, ready: _Optional[_Union[KvReady, _Mapping]] = ..., recv_meta_json: _Optional[str] = ..., result: _Optional[_Union[KvTransferResult, _Mapping]] = ...) -> None: ...
+
+class KvReady(_message.Message):
+    __slots__ = ("block_ids", "num_tokens", "num_cached_tokens")
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    num_cached_tokens: int
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class KvTransferResult(_message.Message):
+    __slots__ = ("is_send", "success", "nbytes", "seconds", "error", "checksum_verified", "peer_rank")
+    IS_SEND_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    PEER_RANK_FIELD_NUMBER: _ClassVar[int]
+    is_send: bool
+    success: bool
+    nbytes: int
+    seconds: float
+    error: str
+    checksum_verified: bool
+    peer_rank: int
+    def __init__(self, is_send: _Optional[bool] = ..., success: _Optional[bool] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ..., checksum_verified: _Optional[bool] = ..., peer_rank: _Optional[int] = ...) -> None: ...
 
 class AbortRequests(_message.Message):
     __slots__ = ("request_ids",)
