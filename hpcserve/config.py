@@ -31,12 +31,25 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from hpcserve.errors import HpcserveError
+from hpcserve.config_tables import (
+    ConfigError,
+    DaemonSection,
+    DisaggSection,
+    EngineSection,
+    ModelSection,
+    SloSection,
+    _kebab,
+    _kind,
+    _Section,
+    _toml_type,
+    _toml_value,
+)
 
 __all__ = [
     "ENV_VARS",
     "ConfigError",
     "DaemonSection",
+    "DisaggSection",
     "EngineSection",
     "ModelSection",
     "SiteConfig",
@@ -47,206 +60,16 @@ __all__ = [
     "render_docs_table",
 ]
 
-DTYPES = ("float32", "bfloat16")
 ENV_VARS = {  # env var -> "table.key"
     "HPCSERVE_STATE_DIR": "daemon.state-dir",
     "HPCSERVE_LISTEN": "daemon.listen",
     "HPCSERVE_MODEL": "model.path",
 }
-_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_WINDOW_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-
-
-class ConfigError(HpcserveError, ValueError):
-    """The site config (file, env var or override) is invalid. ``key`` is ``"table.key"`` when known."""
-
-    def __init__(self, message: str, key: str | None = None, source: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.source = source
-
-
-def _opt(default, help: str, example: Any = None, kind: str | None = None):
-    """A dataclass field with the doc text used by render_defaults() and the docs table."""
-    meta = {"help": help, "example": example}
-    if kind:
-        meta["kind"] = kind
-    return field(default=default, metadata=meta)
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _parse_listen(value: str) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` → (host, port); None when malformed."""
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            return None
-        port = rest[1:]
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep or ":" in host:
-            return None
-    if not host or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host) or not port.isdigit() or int(port) > 65535:
-        return None
-    return host, int(port)
-
-
-def _window_seconds(value: str) -> float | None:
-    m = _WINDOW_RE.match(value.strip())
-    if not m or float(m.group(1)) <= 0:
-        return None
-    return float(m.group(1)) * _WINDOW_UNITS[m.group(2)]
-
-
-class _Section:
-    """Shared validation: subclasses define ``TABLE`` and ``_problems()`` → [(field, message)]."""
-
-    TABLE = ""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            msg = _type_problem(f, getattr(self, f.name))
-            if msg:
-                raise ConfigError(f"{self.TABLE}.{_kebab(f.name)}: {msg}", key=f"{self.TABLE}.{_kebab(f.name)}")
-        for name, msg in self._problems():
-            raise ConfigError(f"{self.TABLE}.{_kebab(name)}: {msg}", key=f"{self.TABLE}.{_kebab(name)}")
-
-    def _problems(self) -> list[tuple[str, str]]:
-        return []
-
-
-def _at_least(obj, name: str, low: float, strict: bool = False) -> list[tuple[str, str]]:
-    v = getattr(obj, name)
-    if v is None or (v > low if strict else v >= low):
-        return []
-    bound = f"> {low}" if strict else f">= {low}"
-    return [(name, f"must be {bound}, got {v!r}; set {_kebab(name)} to a value {bound}")]
-
-
-@dataclass(frozen=True)
-class ModelSection(_Section):
-    TABLE = "model"
-    path: str = _opt("demo", 'Model to serve: "demo" (built-in tiny model), an HF-layout directory, or a .gguf file.',
-                     example="/lustre/models/Qwen3-8B")
-    dtype: str = _opt("float32", f"Checkpoint/serving dtype: {' | '.join(DTYPES)}.")
-    max_model_len: int | None = _opt(None, "Context length limit in tokens (default: min(model max positions, 8192)).",
-                                     example=8192)
-
-    def _problems(self):
-        out = []
-        if not self.path.strip():
-            out.append(("path", 'is empty; set path = "demo", an HF model directory or a .gguf file'))
-        if self.dtype not in DTYPES:
-            out.append(("dtype", (f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}; "
-                                  'set dtype = "bfloat16" for bf16 checkpoints, else "float32"')))
-        return out + _at_least(self, "max_model_len", 1)
-
-
-@dataclass(frozen=True)
-class EngineSection(_Section):
-    TABLE = "engine"
-    block_size: int = _opt(16, "Tokens per KV-cache block.")
-    kv_cache_gb: float = _opt(2.0, "Memory for the paged KV cache per replica, in GiB.")
-    max_num_seqs: int = _opt(64, "Most sequences running at once per replica.")
-    max_num_batched_tokens: int = _opt(2048, "Token budget per engine step (prefill chunks + decodes).")
-    enable_prefix_caching: bool = _opt(True, "Reuse KV blocks of identical prompt prefixes.")
-    num_threads: int | None = _opt(None, "torch intra-op CPU threads per rank (default: torch's choice).", example=4)
-
-    def _problems(self):
-        return (_at_least(self, "block_size", 1) + _at_least(self, "kv_cache_gb", 0, strict=True)
-                + _at_least(self, "max_num_seqs", 1) + _at_least(self, "max_num_batched_tokens", 1)
-                + _at_least(self, "num_threads", 1))
-
-
-@dataclass(frozen=True)
-class DaemonSection(_Section):
-    TABLE = "daemon"
-    listen: str = _opt("127.0.0.1:50051", 'gRPC address as host:port ("127.0.0.1:0" picks a free port).')
-    state_dir: str = _opt("~/.hpcserve", "Directory for the batch store, endpoint file and logs (~ and $VARS expand).")
-    ranks: int = _opt(1, "MPI ranks in the worker step (one GPU each; CPU threads locally).")
-    mpiexec: str | None = _opt(None, "mpiexec used to launch workers locally (default: the one next to the Python "
-                                     "interpreter, i.e. the venv's).", example="/usr/bin/mpiexec")
-    worker_restart_limit: int = _opt(5, "Failed worker-step launches in a row before the daemon gives up "
-                                        "(a launch that served 60 s resets the count).")
-    worker_start_timeout_s: float = _opt(600.0, "Seconds the worker ranks get to load the model and connect.")
-    dedicated_chat_replicas: int = _opt(0, "0: every replica serves chat and batch (shared). k > 0: replicas 0..k-1 "
-                                           "serve only chat and the rest only batch (a dedicated split).")
-    batch_watermark: int | None = _opt(None, "Most batch lines in flight per replica (default: engine.max-num-seqs); "
-                                             "keeps each replica's batch backlog shallow.", example=32)
-    chat_pack_limit: int = _opt(4, "Chat requests packed onto one replica before chat spills to the next (0 spreads "
-                                   "chat evenly). Packing leaves the other replicas' batch work uncapped.")
-    chat_kv_reserve: float = _opt(0.1, "Fraction of each replica's KV cache that batch lines may not claim, kept "
-                                       "free for chat.")
-    drain_timeout_s: float = _opt(30.0, "On SIGTERM/SIGINT: seconds in-flight chats get to finish (batch lines "
-                                        "are checkpointed at once and resume on the next start).")
-
-    def _problems(self):
-        out = []
-        if _parse_listen(self.listen) is None:
-            out.append(("listen", (f"expected host:port like 127.0.0.1:50051 or [::1]:50051 (port 0-65535), "
-                                   f"got {self.listen!r}")))
-        if not self.state_dir.strip():
-            out.append(("state_dir", 'is empty; set state-dir to a writable directory, e.g. "~/.hpcserve"'))
-        if self.mpiexec is not None and not self.mpiexec.strip():
-            out.append(("mpiexec", "is empty; remove the key to use the venv's mpiexec, or give a path"))
-        return (out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
-                + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0)
-                + _at_least(self, "dedicated_chat_replicas", 0) + _at_least(self, "batch_watermark", 1)
-                + _at_least(self, "chat_pack_limit", 0)
-                + self._split_problems())
-
-    def _split_problems(self):
-        out = []
-        if self.dedicated_chat_replicas and self.dedicated_chat_replicas >= self.ranks:
-            out.append(("dedicated_chat_replicas", f"must be below ranks ({self.ranks}) so that some replica "
-                        f"serves batch, got {self.dedicated_chat_replicas}; use 0 to share every replica"))
-        if not 0 <= self.chat_kv_reserve < 1:
-            out.append(("chat_kv_reserve", f"must be in [0, 1), got {self.chat_kv_reserve!r}"))
-        return out
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        return _parse_listen(self.listen)  # type: ignore[return-value]  # validated
-
-    @property
-    def state_path(self) -> Path:
-        return Path(os.path.expandvars(self.state_dir)).expanduser()
-
-    @property
-    def mpiexec_path(self) -> str:
-        if self.mpiexec:
-            return os.path.expanduser(os.path.expandvars(self.mpiexec))
-        return str(Path(sys.executable).parent / "mpiexec")
-
-
-@dataclass(frozen=True)
-class SloSection(_Section):
-    TABLE = "slo"
-    chat_ttft_p99_s: float = _opt(1.0, "Chat target: 99th-percentile time to first token, seconds.")
-    chat_itl_p99_s: float = _opt(0.2, "Chat target: 99th-percentile inter-token latency, seconds.")
-    batch_step_slowdown: float = _opt(0.2, "Batch work may make an engine step that carries chat tokens at most "
-                                           "this fraction slower (predicted by the online step-time model).")
-    batch_completion_window: str = _opt("24h", 'Batch target: finish a batch within this window ("90m", "24h", "2d"; '
-                                               'units s m h d).')
-
-    def _problems(self):
-        out = (_at_least(self, "chat_ttft_p99_s", 0, strict=True) + _at_least(self, "chat_itl_p99_s", 0, strict=True)
-               + _at_least(self, "batch_step_slowdown", 0))
-        if _window_seconds(self.batch_completion_window) is None:
-            out.append(("batch_completion_window", ('expected a positive number and a unit s|m|h|d like "24h", '
-                                                    f"got {self.batch_completion_window!r}")))
-        return out
-
-    @property
-    def batch_completion_window_s(self) -> float:
-        return _window_seconds(self.batch_completion_window)  # type: ignore[return-value]  # validated
 
 
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSection, "engine": EngineSection, "daemon": DaemonSection, "slo": SloSection,
+    "disagg": DisaggSection,
 }
 
 
@@ -256,6 +79,21 @@ class SiteConfig:
     engine: EngineSection = field(default_factory=EngineSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
     slo: SloSection = field(default_factory=SloSection)
+    disagg: DisaggSection = field(default_factory=DisaggSection)
+
+    def __post_init__(self) -> None:
+        roles, ranks = self.disagg.role_list, self.daemon.ranks
+        if roles and len(roles) != ranks:
+            raise ConfigError(f"disagg.roles: {self.disagg.roles!r} names {len(roles)} replica(s) but daemon.ranks "
+                              f"is {ranks}; make the counts add up to the ranks (or set --ranks {len(roles)})",
+                              key="disagg.roles")
+        if self.disagg.is_disaggregated and self.daemon.dedicated_chat_replicas:
+            raise ConfigError("daemon.dedicated-chat-replicas: cannot be combined with prefill/decode roles "
+                              "(disagg.roles); set one of them", key="daemon.dedicated-chat-replicas")
+
+    def replica_roles(self) -> list[str]:
+        """Role of each replica in rank order ("mixed" when disagg.roles is empty)."""
+        return self.disagg.role_list or ["mixed"] * self.daemon.ranks
 
     def engine_config(self):
         """The replica's ``hpcserve.engine.core.EngineConfig`` (imports the engine, not torch)."""
@@ -272,50 +110,6 @@ class SiteConfig:
 
 
 # ---------------------------------------------------------------------------------------------- types
-
-def _kind(f) -> tuple[str, bool]:
-    """("int"|"float"|"bool"|"str", optional) from the field's (string) annotation."""
-    t = str(f.type).replace(" ", "")
-    return t.replace("|None", ""), "|None" in t
-
-
-_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-
-
-def _toml_type(v: Any) -> str:
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "float"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, dict):
-        return "table"
-    if isinstance(v, list):
-        return "array"
-    return type(v).__name__
-
-
-def _type_problem(f, v: Any) -> str | None:
-    kind, optional = _kind(f)
-    if v is None and optional:
-        return None
-    ok = {
-        "int": isinstance(v, int) and not isinstance(v, bool),
-        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": isinstance(v, bool),
-        "str": isinstance(v, str),
-    }[kind]
-    if ok:
-        return None
-    example = f.default if f.default is not None else f.metadata.get("example")
-    quotes = " (no quotes)" if kind != "str" and isinstance(v, str) else ""
-    return (f"expected {_KIND_NAMES[kind]}, got {_toml_type(v)} {v!r}; write it like "
-            f"{_kebab(f.name)} = {_toml_value(example)}{quotes}")
-
-
 def _coerce_str(f, v: Any) -> Any:
     """Env vars and CLI ``--set k=v`` give strings: convert to the field's kind where unambiguous."""
     if not isinstance(v, str):
@@ -459,19 +253,15 @@ def load_config(path: Path | str | None, overrides: Mapping[str, Any] | None = N
             t, _, key = table_key.partition(".")
             src = sources.get((t, key.replace("-", "_")), "defaults")
             raise ConfigError(f"{src}: {exc}", key=exc.key, source=src) from None
-    return SiteConfig(**sections)
+    try:
+        return SiteConfig(**sections)
+    except ConfigError as exc:  # a rule across tables
+        t, _, key = (exc.key or "").partition(".")
+        src = sources.get((t, key.replace("-", "_")), "defaults")
+        raise ConfigError(f"{src}: {exc}", key=exc.key, source=src) from None
 
 
 # ------------------------------------------------------------------------------------------- rendering
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
-
-
 def render_defaults() -> str:
     """A commented TOML with every key at its default; optional keys are commented out with an example."""
     lines = ["# hpcserve site config: every key at its default (see docs/config.md).",

@@ -109,6 +109,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                     chunk.finish_reason = ev.finish_reason
                     chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=n_out,
                                                   total_tokens=len(ids) + n_out, cached_tokens=inf.num_cached_tokens))
+                    chunk.metrics.CopyFrom(_metrics(inf))
                 yield chunk
         finally:
             if not finished:
@@ -160,3 +161,13 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             info.allocation.CopyFrom(alloc)
         return info
 
+
+def _metrics(inf) -> pb.RequestMetrics:
+    """Where the request ran and its KV handoff, for the last chunk."""
+    decode = inf.replica.replica_id
+    m = pb.RequestMetrics(prefill_replica_id=inf.prefill.replica_id if inf.disaggregated else decode,
+                          decode_replica_id=decode, disaggregated=inf.disaggregated)
+    if inf.disaggregated:
+        m.kv_handoff_s, m.kv_handoff_bytes = inf.kv_handoff_s, inf.kv_handoff_bytes
+        m.kv_handoff_failed = inf.kv_result is False
+    return m

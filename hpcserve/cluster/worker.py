@@ -6,7 +6,10 @@ The daemon launches the step as one MPI world (``mpiexec -n N hpcserve worker``,
 
 - ``HPCSERVE_WORKER_DAEMON``: host:port of the daemon's WorkerLink service;
 - ``HPCSERVE_WORKER_SECRET``: per-launch secret; a stale rank of an older launch is refused;
-- ``HPCSERVE_WORKER_CONFIG``: JSON of ``engine.core.EngineConfig`` fields.
+- ``HPCSERVE_WORKER_CONFIG``: JSON of ``engine.core.EngineConfig`` fields;
+- ``HPCSERVE_WORKER_DISAGG`` (only with prefill/decode roles): JSON ``{"roles": [role per rank],
+  "timeout_s", "checksum", "group_bytes"}``. Every rank then builds an ``MpiConnector``
+  (collective) and attaches a KV handoff to its engine (``engine/handoff.py``).
 
 Rank lifecycle:
   1. init MPI; an uncaught exception on any rank aborts the whole world (``MPI_Abort``), so
@@ -22,8 +25,13 @@ Rank lifecycle:
 Replica event loop (``ReplicaLoop.run``), one per leader, as a table of contents::
 
     recv    drain the link's inbox; block up to REPORT_INTERVAL_S only when the engine is idle
-    admit   AddRequest -> engine.add_request (a rejection is sent back as a finish ERROR output)
-            AbortRequests -> engine.abort_request; Shutdown -> stop admitting (drain) or abort all
+    admit   AddRequest -> engine.add_request (prefill_only: a prefill replica's request) or
+            engine.add_remote_request (remote_prefill: the KV comes from a prefill rank); a
+            rejection is sent back as a finish ERROR output
+            AbortRequests -> engine.abort_request; StartKvSend -> handoff.start_send;
+            Shutdown -> stop admitting (drain) or abort all
+    handoff handoff.poll(): finished transfers, receives that got blocks; its events (ready,
+            recv_meta, result) go to the daemon at once, before the step
     run     engine.step() when there is work
     send    StepOutputs with every request that produced tokens or finished
     report  LoadReport every REPORT_INTERVAL_S, and right after a step that finished requests
@@ -47,6 +55,8 @@ REPORT_INTERVAL_S = 0.25
 CONNECT_TIMEOUT_S = 60.0
 EXIT_LINK_LOST = 3
 ENV_DAEMON, ENV_SECRET, ENV_CONFIG = "HPCSERVE_WORKER_DAEMON", "HPCSERVE_WORKER_SECRET", "HPCSERVE_WORKER_CONFIG"
+ENV_DISAGG = "HPCSERVE_WORKER_DISAGG"
+HANDOFF_WAIT_S = 0.002  # idle wait between polls while only KV transfers are in flight
 
 
 class LinkLost(Exception):
@@ -135,13 +145,19 @@ class ReplicaLoop:
 
         while True:
             busy = self.engine.has_unfinished_requests()
-            msgs = self._pending + self.link.recv(None if busy or self._pending else REPORT_INTERVAL_S)  # recv
+            wait = None if busy or self._pending else HANDOFF_WAIT_S if self.engine.has_handoff_work() \
+                else REPORT_INTERVAL_S
+            msgs = self._pending + self.link.recv(wait)                          # recv
             self._pending = []
             out = wpb.StepOutputs()
             for m in msgs:                                                       # admit
                 if not self._handle(m, out):
                     self._send_outputs(out)
                     return
+            if self.engine.handoff is not None:                                  # handoff
+                self._handoff_events(out)
+                self._send_outputs(out)
+                out = wpb.StepOutputs()
             if self.engine.has_unfinished_requests():                            # run
                 t0 = time.perf_counter()
                 for o in self.engine.step():
@@ -155,7 +171,7 @@ class ReplicaLoop:
             finished = self._send_outputs(out)                                   # send
             if finished or time.monotonic() - self._last_report >= REPORT_INTERVAL_S:
                 self._report()                                                   # report
-            if self.draining and not self.engine.has_unfinished_requests():
+            if self.draining and not self.engine.has_unfinished_requests() and not self.engine.has_handoff_work():
                 self._report()
                 return
 
@@ -174,14 +190,29 @@ class ReplicaLoop:
                 if self.draining:
                     raise RequestError("the replica is shutting down", code="unavailable")
                 params = sampling_from_proto(a.sampling_params, default_max_tokens=16)
-                self.engine.add_request(a.request_id, list(a.prompt_token_ids), params, priority=prio)
-                self._is_batch[a.request_id] = prio == PRIORITY_BATCH
+                if a.HasField("remote_prefill"):
+                    rp = a.remote_prefill
+                    self.engine.add_remote_request(a.request_id, list(a.prompt_token_ids), params, prio, rp.src_rank,
+                                                   list(rp.src_block_ids), rp.num_tokens, rp.num_cached_tokens)
+                else:
+                    self.engine.add_request(a.request_id, list(a.prompt_token_ids), params, priority=prio,
+                                            prefill_only=a.prefill_only)
+                if not a.prefill_only:
+                    self._is_batch[a.request_id] = prio == PRIORITY_BATCH
             except RequestError as exc:
                 out.outputs.add(request_id=a.request_id, is_finished=True, finish_reason=pb.FINISH_REASON_ERROR,
                                 error_code=exc.code, error_message=str(exc))
         elif kind == "abort_requests":
             for rid in m.abort_requests.request_ids:
                 self.engine.abort_request(rid)
+        elif kind == "start_kv_send":
+            k = m.start_kv_send
+            try:
+                if self.engine.handoff is None:
+                    raise RuntimeError("this replica has no KV handoff")
+                self.engine.handoff.start_send(k.request_id, json.loads(k.meta_json))
+            except Exception as exc:  # noqa: BLE001 - a bad handoff must not take the replica down
+                log.error("request %s: cannot start the KV send: %s", k.request_id, exc)
         elif kind == "shutdown":
             self.draining = True
             if not m.shutdown.drain:
@@ -191,6 +222,21 @@ class ReplicaLoop:
                     out.outputs.append(self._to_proto(o))
                 return False
         return True
+
+    def _handoff_events(self, out) -> None:
+        from hpcserve.api.v1 import worker_pb2 as wpb
+
+        for kind, rid, payload in self.engine.handoff.poll():
+            if kind == "ready":
+                ev = wpb.KvEvent(ready=wpb.KvReady(**payload))
+            elif kind == "recv_meta":
+                ev = wpb.KvEvent(recv_meta_json=json.dumps(payload))
+            else:
+                ev = wpb.KvEvent(result=wpb.KvTransferResult(
+                    is_send=payload["is_send"], success=payload["success"], nbytes=payload["nbytes"],
+                    seconds=payload["seconds"], error=payload["error"],
+                    checksum_verified=payload["checksum_verified"], peer_rank=payload["peer"]))
+            out.outputs.add(request_id=rid, kv_event=ev)
 
     def _to_proto(self, o):
         from hpcserve.api.convert import finish_reason_to_proto, logprobs_to_proto
@@ -221,7 +267,8 @@ class ReplicaLoop:
             num_free_kv_blocks=self.engine.kv.num_free_blocks, num_kv_blocks=self.engine.kv.num_blocks,
             recent_step_time_s=recent, num_preemptions=sched.num_preemptions, num_steps=self.num_steps,
             num_output_tokens_interactive=self.num_output_tokens[False],
-            num_output_tokens_batch=self.num_output_tokens[True], busy_time_s=self.busy_time_s)))
+            num_output_tokens_batch=self.num_output_tokens[True], busy_time_s=self.busy_time_s,
+            kv=wpb.KvCounters(**self.engine.handoff.counters()) if self.engine.handoff is not None else None)))
         self._last_report = time.monotonic()
 
 
@@ -269,11 +316,30 @@ def main() -> int:
     engine.calibrate()
     log.info("warm-up and step-time calibration in %.1f s: t = %s", time.monotonic() - t0,
              engine.cost_model.coefficients)
+    role = _attach_handoff(world, engine)
     world.comm.Barrier()
-    return _serve(world, engine)
+    return _serve(world, engine, role)
 
 
-def _serve(world, engine) -> int:
+def _attach_handoff(world, engine) -> str:
+    """With prefill/decode roles (``HPCSERVE_WORKER_DISAGG``) every rank builds the MPI
+    connector (collective) and attaches a KV handoff to its engine; returns this rank's role."""
+    spec = json.loads(os.environ.get(ENV_DISAGG) or "{}")
+    roles = spec.get("roles") or []
+    if not roles:
+        return "mixed"
+    if len(roles) != world.size:
+        raise RuntimeError(f"{ENV_DISAGG} names {len(roles)} roles for {world.size} ranks")
+    from hpcserve.transfer.mpi import MpiConnector
+
+    connector = MpiConnector(world, timeout_s=float(spec.get("timeout_s", 30.0)), checksum=bool(spec.get("checksum")))
+    engine.attach_handoff(connector, world.rank, target_group_bytes=int(spec.get("group_bytes", 4 << 20)))
+    log.info("role %s; KV handoff over MPI (timeout %.0f s, checksum %s)", roles[world.rank], connector.timeout_s,
+             connector.checksum)
+    return roles[world.rank]
+
+
+def _serve(world, engine, role: str = "mixed") -> int:
     from hpcserve.api.v1 import serving_pb2 as pb
     from hpcserve.api.v1 import worker_pb2 as wpb
 
@@ -283,7 +349,8 @@ def _serve(world, engine) -> int:
         log.error("%s", exc)
         return EXIT_LINK_LOST
     link.send(wpb.WorkerMessage(hello=wpb.Hello(
-        rank=world.rank, replica_id=world.rank, role=pb.REPLICA_ROLE_MIXED, world_size=world.size,
+        rank=world.rank, replica_id=world.rank, world_size=world.size,
+        role={"prefill": pb.REPLICA_ROLE_PREFILL, "decode": pb.REPLICA_ROLE_DECODE}.get(role, pb.REPLICA_ROLE_MIXED),
         secret=os.environ[ENV_SECRET], hostname=socket.gethostname(), pid=os.getpid(),
         max_model_len=engine.max_model_len, num_kv_blocks=engine.kv.num_blocks,
         block_size=engine.kv.block_size, num_ranks=1)))

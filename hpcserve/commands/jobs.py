@@ -236,7 +236,9 @@ def server_info_to_dict(info) -> dict:
         "replicas": [{"replica_id": r.replica_id, "role": role(r), "ranks": list(r.ranks),
                       "num_running": r.num_running, "num_waiting": r.num_waiting,
                       "num_free_kv_blocks": r.num_free_kv_blocks, "num_kv_blocks": r.num_kv_blocks,
-                      "recent_step_time_s": r.recent_step_time_s} for r in info.replicas],
+                      "recent_step_time_s": r.recent_step_time_s,
+                      "kv_handoff": {f.name: getattr(r.kv, f.name) for f in r.kv.DESCRIPTOR.fields}}
+                     for r in info.replicas],
         "allocation": None if alloc is None else {
             "job_id": alloc.job_id, "nodes": list(alloc.nodes), "end_time": alloc.end_time or None,
             "seconds_left": alloc.seconds_left},
@@ -253,6 +255,13 @@ def _print_server(s: dict, address: str) -> None:
         click.echo(f"  replica {r['replica_id']} ({r['role']}, ranks {','.join(map(str, r['ranks']))}): "
                    f"{r['num_running']} running, {r['num_waiting']} waiting, "
                    f"{r['num_free_kv_blocks']}/{r['num_kv_blocks']} KV blocks free{step}")
+        kv = r["kv_handoff"]
+        if r["role"] in ("prefill", "decode"):
+            moved = (f"sent {kv['num_sent']} ({kv['bytes_sent'] / 2**20:.1f} MiB)" if r["role"] == "prefill" else
+                     f"received {kv['num_received']} ({kv['bytes_received'] / 2**20:.1f} MiB)")
+            check = f", {kv['num_checksum_verified']} checksum-verified" if kv["num_checksum_verified"] else ""
+            click.echo(f"    KV handoffs: {moved}{check}, {kv['num_failed']} failed, {kv['num_fallbacks']} "
+                       f"computed locally after a failure, {kv['num_active']} in flight")
     a = s["allocation"]
     if a is not None:
         ends = f", ends {_when(a['end_time'])} (in {_dur(a['seconds_left'])})" if a["end_time"] else ""

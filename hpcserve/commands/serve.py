@@ -16,6 +16,9 @@ from hpcserve.errors import HpcserveError
               "an HF-layout directory or a .gguf file. [config: model.path]")
 @click.option("--ranks", type=click.IntRange(min=1), help="MPI ranks in the worker step; each rank is one "
               "replica today. [config: daemon.ranks; default 1]")
+@click.option("--roles", metavar="SPEC", help='Replica roles in rank order, e.g. "prefill:1,decode:1": '
+              "prefill replicas compute prompts and hand the KV cache to decode replicas over MPI. The counts "
+              "must add up to --ranks (which defaults to their sum). [config: disagg.roles; default: all mixed]")
 @click.option("--listen", metavar="HOST:PORT", help="gRPC address; 127.0.0.1:0 picks a free port. "
               "[config: daemon.listen; default 127.0.0.1:50051]")
 @click.option("--state-dir", metavar="DIR", help="Batch store, endpoint file and logs. "
@@ -24,8 +27,11 @@ from hpcserve.errors import HpcserveError
               help="Site config TOML (see site-configs/ and docs/config.md).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
-def serve(model, ranks, listen, state_dir, config_path, log_level):
+def serve(model, ranks, roles, listen, state_dir, config_path, log_level):
     """Run the control daemon: serve chats and batch jobs from one set of worker ranks.
+
+    With --roles prefill:N,decode:M the ranks split into prefill and decode replicas: every
+    request is prefilled on one and decoded on another, its KV cache handed over by MPI.
 
     The daemon launches the workers as one MPI world (`mpiexec -n RANKS hpcserve worker`,
     the venv's mpiexec), relaunches them if they die, keeps batch jobs in a SQLite store in the
@@ -34,9 +40,12 @@ def serve(model, ranks, listen, state_dir, config_path, log_level):
     resume on the next start.
     """
     from hpcserve.config import load_config
+    from hpcserve.config_tables import parse_roles
     from hpcserve.daemon.server import serve as run_daemon
 
-    cfg = load_config(config_path, overrides={"model.path": model, "daemon.ranks": ranks,
+    if roles is not None and ranks is None and parse_roles(roles):
+        ranks = len(parse_roles(roles))  # --roles alone sets the rank count
+    cfg = load_config(config_path, overrides={"model.path": model, "daemon.ranks": ranks, "disagg.roles": roles,
                                               "daemon.listen": listen, "daemon.state-dir": state_dir})
     mpiexec = cfg.daemon.mpiexec_path
     if not Path(mpiexec).is_file():

@@ -29,6 +29,19 @@ Routing:
   requests ahead of batch ones;
 - ``dedicated_chat_replicas = k > 0`` splits the pool instead: replicas 0..k-1 take only chat,
   the rest only batch (the dedicated-pools baseline of ``hpcserve bench mixed``).
+
+Disaggregated (replicas with roles prefill and decode, ``disagg.roles``): every request with a
+prompt of 2+ tokens goes prefill → decode::
+
+    AddRequest(prefill_only) ──► prefill replica P ── KvEvent.ready(blocks) ──► router picks decode
+    replica D (chat: most free KV blocks; batch: the line's home, chosen at feed time)
+    AddRequest(remote_prefill) ──► D ── KvEvent.recv_meta ──► router ── StartKvSend ──► P
+    P ═══ MPI ═══► D; D ── KvEvent.result ──► router; D decodes and streams tokens as usual
+
+Chat goes first at every hop: P and D schedule interactive ahead of batch, the router hands a
+chat off the moment its prefill is done, and D lands a chat's KV before any queued batch
+handoff (preempting batch for blocks if it must). A failed transfer makes D compute the prompt
+itself (the request still finishes once, on D). Prefill replicas never stream tokens.
 """
 
 from __future__ import annotations
@@ -62,10 +75,13 @@ class StreamError:
     message: str
 
 
+PREFILL, DECODE, RUN = "prefill", "decode", "run"  # Inflight.stage
+
+
 @dataclass
 class Inflight:
     req_id: str
-    replica: object  # workers.Replica
+    replica: object  # workers.Replica where it runs now (the prefill replica while stage == PREFILL)
     prompt_ids: list[int]
     params: SamplingParams
     request_class: int
@@ -78,6 +94,17 @@ class Inflight:
     num_cached_tokens: int = 0
     is_aborting: bool = False
     kv_blocks: int = 0  # batch: KV blocks reserved for it on its replica (prompt + max_tokens)
+    home: object = None  # batch: the replica whose batch counters hold the line (its decode replica)
+    prefill: object = None  # disaggregated: the prefill replica
+    stage: str = RUN
+    kv_handoff_s: float = 0.0
+    kv_handoff_bytes: int = 0
+    kv_result: bool | None = None  # decode side's transfer outcome, once known
+    kv_blocks_promised: int = 0  # blocks announced to the decode replica's headroom until it posts the receive
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill is not None and self.stage == DECODE
 
     async def events(self):
         """Chat: the replica's outputs for this request until it finishes; a ``StreamError`` ends it."""
@@ -105,6 +132,10 @@ class Router:
         self._feeding = True
         self._tasks: set[asyncio.Task] = set()  # pending store writes
         self._last_expiry_check = 0.0
+        self.prefills: list = []  # replicas with role prefill (disaggregated mode when both lists are non-empty)
+        self.decodes: list = []
+        self.num_handoffs = 0
+        self.num_handoff_failures = 0
 
     # ------------------------------------------------------------------ readiness
     async def wait_ready(self, timeout: float) -> bool:
@@ -124,6 +155,9 @@ class Router:
         lens = [r.hello.max_model_len for r in self.pool.replicas.values()]
         if lens:
             self.frontend.max_model_len = min(lens)
+        reps = sorted(self.pool.replicas.values(), key=lambda r: r.replica_id)
+        self.prefills = [r for r in reps if r.hello.role == pb.REPLICA_ROLE_PREFILL]
+        self.decodes = [r for r in reps if r.hello.role == pb.REPLICA_ROLE_DECODE]
         k = self.dedicated_chat_replicas
         for r in self.pool.replicas.values():
             r.is_chat_only = r.replica_id < k
@@ -151,7 +185,8 @@ class Router:
         such replicas means more batch throughput at the same chat latency). Otherwise the replica
         with the most headroom: fewest interactive requests in flight (they share its steps), then
         the shortest recent step time, then the most free KV blocks."""
-        reps = [r for r in self.pool.replicas.values() if not r.is_batch_only]
+        reps = [r for r in self.pool.replicas.values() if not r.is_batch_only
+                and r.hello.role != pb.REPLICA_ROLE_PREFILL]
 
         def chats(r) -> int:
             return r.num_inflight - r.num_inflight_batch
@@ -170,39 +205,121 @@ class Router:
         if req_id in self.inflight:
             raise RequestError(f"request_id: {req_id!r} is already in flight; use a unique id",
                                field="request_id", code="already_exists")
-        inf = Inflight(req_id, self.pick_replica(), ids, params, request_class, queue=asyncio.Queue())
+        if self.disaggregated and len(ids) >= 2:
+            p = self._pick_prefill(interactive=request_class != pb.REQUEST_CLASS_BATCH)
+            inf = Inflight(req_id, p, ids, params, request_class, queue=asyncio.Queue(), prefill=p, stage=PREFILL)
+        else:
+            inf = Inflight(req_id, self.pick_replica(), ids, params, request_class, queue=asyncio.Queue())
         self._send(inf)
         return inf
+
+    # ------------------------------------------------------------------ disaggregated
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.prefills and self.decodes)
+
+    def _pick_prefill(self, interactive: bool):
+        """Chat: the prefill replica with the fewest chats in flight (each schedules chat ahead of
+        batch, so queued batch prefills barely delay it); batch: the fewest requests in flight."""
+        def key(r):
+            chats = r.num_inflight - r.num_inflight_batch_here
+            return (chats, r.num_inflight, r.replica_id) if interactive else (r.num_inflight, r.replica_id)
+        return min(self.prefills, key=key)
+
+    def _pick_decode(self, num_tokens: int):
+        """The decode replica with the most KV headroom: free blocks in its last load report minus
+        the blocks of handoffs sent to it since, then the fewest requests in flight."""
+        def headroom(r):
+            return r.load.num_free_kv_blocks or r.hello.num_kv_blocks
+        return max(self.decodes, key=lambda r: (headroom(r) - r.kv_promised, -r.num_inflight, -r.replica_id))
+
+    def _on_kv_event(self, replica, inf: Inflight, ev) -> None:
+        kind = ev.WhichOneof("kind")
+        if kind == "ready" and inf.stage == PREFILL and replica is inf.prefill:
+            if inf.is_aborting:  # the abort crossed the prefill's end: P releases on the abort; end it here
+                self._drop(inf)
+                self._end_aborted(inf)
+                return
+            target = inf.home if inf.home is not None else self._pick_decode(len(inf.prompt_ids))
+            need = -(-ev.ready.num_tokens // max(1, target.hello.block_size))
+            replica.num_inflight -= 1
+            if inf.line is not None:
+                replica.num_inflight_batch_here -= 1
+            inf.replica, inf.stage = target, DECODE
+            target.num_inflight += 1
+            target.kv_promised += need
+            inf.kv_blocks_promised = need
+            self.num_handoffs += 1
+            target.send(wpb.DaemonMessage(add_request=self._add_request(inf, remote_prefill=wpb.RemotePrefill(
+                src_rank=replica.hello.rank, src_block_ids=ev.ready.block_ids, num_tokens=ev.ready.num_tokens,
+                num_cached_tokens=ev.ready.num_cached_tokens))))
+        elif kind == "recv_meta_json" and inf.stage == DECODE and replica is inf.replica:
+            replica.kv_promised = max(0, replica.kv_promised - inf.kv_blocks_promised)
+            if not inf.is_aborting:
+                inf.prefill.send(wpb.DaemonMessage(start_kv_send=wpb.StartKvSend(
+                    request_id=inf.req_id, meta_json=ev.recv_meta_json)))
+        elif kind == "result" and not ev.result.is_send and replica is inf.replica:
+            inf.kv_result = ev.result.success
+            inf.kv_handoff_s, inf.kv_handoff_bytes = ev.result.seconds, ev.result.nbytes
+            if not ev.result.success:
+                self.num_handoff_failures += 1
+                log.warning("request %s: KV handoff from replica %d failed (%s); replica %d computes the prompt",
+                            inf.req_id, inf.prefill.replica_id, ev.result.error, replica.replica_id)
+                inf.prefill.send(wpb.DaemonMessage(abort_requests=wpb.AbortRequests(request_ids=[inf.req_id])))
+
+    def _end_aborted(self, inf: Inflight) -> None:
+        if inf.queue is not None:
+            inf.queue.put_nowait(wpb.RequestStepOutput(request_id=inf.req_id, is_finished=True,
+                                                       finish_reason=pb.FINISH_REASON_ABORT))
+        else:
+            self._spawn_write(self._requeue(inf))
+            self.wake()
 
     def abort(self, req_id: str) -> bool:
         inf = self.inflight.get(req_id)
         if inf is None or inf.is_aborting:
             return False
         inf.is_aborting = True
-        inf.replica.send(wpb.DaemonMessage(abort_requests=wpb.AbortRequests(request_ids=[req_id])))
+        msg = wpb.DaemonMessage(abort_requests=wpb.AbortRequests(request_ids=[req_id]))
+        inf.replica.send(msg)
+        if inf.stage == DECODE and inf.kv_result is None:
+            inf.prefill.send(msg)  # release the prompt KV it may still hold
         return True
+
+    def _add_request(self, inf: Inflight, **kw) -> wpb.AddRequest:
+        return wpb.AddRequest(
+            request_id=inf.req_id, prompt_token_ids=inf.prompt_ids, sampling_params=sampling_to_proto(inf.params),
+            request_class=inf.request_class, eos_token_ids=self.frontend.eos_token_ids, **kw)
 
     def _send(self, inf: Inflight) -> None:
         self.inflight[inf.req_id] = inf
         inf.replica.num_inflight += 1
         if inf.line is not None:
-            inf.replica.num_inflight_batch += 1
-            inf.replica.batch_kv_reserved += inf.kv_blocks
-        inf.replica.send(wpb.DaemonMessage(add_request=wpb.AddRequest(
-            request_id=inf.req_id, prompt_token_ids=inf.prompt_ids, sampling_params=sampling_to_proto(inf.params),
-            request_class=inf.request_class, eos_token_ids=self.frontend.eos_token_ids)))
+            if inf.home is None:
+                inf.home = inf.replica
+            inf.home.num_inflight_batch += 1
+            inf.home.batch_kv_reserved += inf.kv_blocks
+            inf.replica.num_inflight_batch_here += 1
+        inf.replica.send(wpb.DaemonMessage(add_request=self._add_request(inf, prefill_only=inf.stage == PREFILL)))
 
     def _drop(self, inf: Inflight) -> None:
         if self.inflight.pop(inf.req_id, None) is not None:
             inf.replica.num_inflight -= 1
             if inf.line is not None:
-                inf.replica.num_inflight_batch -= 1
-                inf.replica.batch_kv_reserved -= inf.kv_blocks
+                inf.home.num_inflight_batch -= 1
+                inf.home.batch_kv_reserved -= inf.kv_blocks
+                if inf.stage != DECODE:
+                    inf.replica.num_inflight_batch_here -= 1
+            if inf.stage == DECODE and inf.kv_result is None:  # ended before its handoff did: release P's KV
+                inf.prefill.send(wpb.DaemonMessage(abort_requests=wpb.AbortRequests(request_ids=[inf.req_id])))
 
     # ------------------------------------------------------------------ outputs
     def on_outputs(self, replica, outs: wpb.StepOutputs) -> None:
         for o in outs.outputs:
             inf = self.inflight.get(o.request_id)
+            if inf is not None and o.HasField("kv_event"):
+                self._on_kv_event(replica, inf, o.kv_event)
+                continue
             if inf is None or inf.replica is not replica:
                 continue
             inf.token_ids.extend(o.new_token_ids)
@@ -277,7 +394,8 @@ class Router:
         await self._abort_cancelled()
         if not self.is_ready or not self._feeding:
             return
-        feedable = [r for r in self.pool.replicas.values() if not r.is_chat_only]
+        feedable = self.decodes if self.disaggregated else [
+            r for r in self.pool.replicas.values() if not r.is_chat_only and r.hello.role != pb.REPLICA_ROLE_PREFILL]
         room = sum(max(0, self.batch_watermark - r.num_inflight_batch) for r in feedable)
         if room <= 0:
             return
@@ -302,8 +420,12 @@ class Router:
                 await self._give_back(lines[i:])
                 return
             req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
-            self._send(Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
-                                kv_blocks=need))
+            inf = Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
+                           kv_blocks=need, home=replica)
+            if self.disaggregated and len(ids) >= 2:
+                inf.replica = inf.prefill = self._pick_prefill(interactive=False)
+                inf.stage = PREFILL
+            self._send(inf)
 
     def _batch_replica(self, feedable: list, num_tokens: int):
         """The replica with the most batch room that can hold ``num_tokens`` more within its batch

@@ -116,7 +116,7 @@ class _Daemon:
         pool = WorkerPool(
             num_ranks=cfg.daemon.ranks, mpiexec=cfg.daemon.mpiexec_path, engine_fields=engine_fields,
             link_address=address, log_dir=state / "logs", restart_limit=cfg.daemon.worker_restart_limit,
-            start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router)
+            start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router, disagg=_disagg_spec(cfg))
         router.pool = pool
         servicer = ServingServicer(
             router=router, frontend=frontend, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
@@ -214,3 +214,12 @@ def _load_frontend(engine_fields: dict):
     max_len = min(engine_fields.get("max_model_len") or min(mc.max_position_embeddings, 8192),
                   mc.max_position_embeddings)
     return Frontend.load(model_dir, mc, max_len, name), name, model_dir
+
+
+def _disagg_spec(cfg) -> dict | None:
+    """What the worker ranks need for prefill/decode roles (``HPCSERVE_WORKER_DISAGG``), or None."""
+    d = cfg.disagg
+    if not d.is_disaggregated:
+        return None
+    return {"roles": d.role_list, "timeout_s": d.transfer_timeout_s, "checksum": d.kv_checksum,
+            "group_bytes": int(d.group_mib * (1 << 20))}

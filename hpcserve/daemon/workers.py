@@ -39,7 +39,7 @@ import grpc
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import worker_pb2 as wpb
 from hpcserve.api.v1 import worker_pb2_grpc
-from hpcserve.cluster.worker import ENV_CONFIG, ENV_DAEMON, ENV_SECRET
+from hpcserve.cluster.worker import ENV_CONFIG, ENV_DAEMON, ENV_DISAGG, ENV_SECRET
 
 log = logging.getLogger("hpcserve.daemon")
 
@@ -59,6 +59,8 @@ class Replica:
     num_inflight: int = 0  # requests the router has given it and not seen finish
     num_inflight_batch: int = 0
     batch_kv_reserved: int = 0  # KV blocks the batch lines in flight may grow to
+    num_inflight_batch_here: int = 0  # batch lines running here now (a prefill replica's share)
+    kv_promised: int = 0  # decode replica: KV blocks of handoffs sent since it posted their receives
 
     def send(self, msg: wpb.DaemonMessage) -> None:
         self.outbox.put_nowait(msg)
@@ -75,7 +77,8 @@ class Replica:
             num_output_tokens_interactive=ld.num_output_tokens_interactive,
             num_output_tokens_batch=ld.num_output_tokens_batch, busy_time_s=ld.busy_time_s,
             num_steps=ld.num_steps, num_preemptions=ld.num_preemptions,
-            is_chat_only=self.is_chat_only, is_batch_only=self.is_batch_only)
+            is_chat_only=self.is_chat_only, is_batch_only=self.is_batch_only,
+            kv=pb.KvHandoffInfo(**{f.name: getattr(ld.kv, f.name) for f in wpb.KvCounters.DESCRIPTOR.fields}))
 
 
 def worker_command() -> list[str]:
@@ -88,7 +91,8 @@ def worker_command() -> list[str]:
 
 class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
     def __init__(self, *, num_ranks: int, mpiexec: str, engine_fields: dict, link_address: str,
-                 log_dir: Path, restart_limit: int, start_timeout_s: float, router) -> None:
+                 log_dir: Path, restart_limit: int, start_timeout_s: float, router,
+                 disagg: dict | None = None) -> None:
         self.num_ranks = num_ranks
         self.mpiexec = mpiexec
         self.engine_fields = engine_fields
@@ -97,6 +101,7 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
         self.restart_limit = restart_limit
         self.start_timeout_s = start_timeout_s
         self.router = router
+        self.disagg = disagg  # worker-side handoff spec (roles per rank, ...) or None: all mixed
         self.replicas: dict[int, Replica] = {}
         self.launch_id = 0
         self.num_restarts = 0
@@ -171,6 +176,10 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
         env = dict(os.environ)
         env.update({ENV_DAEMON: self.link_address, ENV_SECRET: self._secret,
                     ENV_CONFIG: json.dumps(self.engine_fields)})
+        if self.disagg:
+            env[ENV_DISAGG] = json.dumps(self.disagg)
+        else:
+            env.pop(ENV_DISAGG, None)
         cmd = [self.mpiexec, "-n", str(self.num_ranks), *worker_command()]
         logf = open(self.log_dir / "workers.log", "ab")  # noqa: SIM115, ASYNC230 - the child keeps it; closed below
         logf.write(f"\n=== launch {self.launch_id} at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
@@ -265,7 +274,10 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
                     continue  # a launch that already failed: drop
                 kind = msg.WhichOneof("kind")
                 if kind == "step_outputs":
-                    self.router.on_outputs(replica, msg.step_outputs)
+                    try:
+                        self.router.on_outputs(replica, msg.step_outputs)
+                    except Exception:  # a routing bug must not look like a dead worker: log it, keep going
+                        log.exception("routing the outputs of replica %d failed", replica.replica_id)
                 elif kind == "load_report":
                     replica.load = msg.load_report
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:

@@ -58,7 +58,7 @@ class Hello(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., replica_id: _Optional[int] = ..., role: _Optional[_Union[_serving_pb2.ReplicaRole, str]] = ..., world_size: _Optional[int] = ..., secret: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_ranks: _Optional[int] = ...) -> None: ...
 
 class RequestStepOutput(_message.Message):
-    __slots__ = ("request_id", "new_token_ids", "new_logprobs", "is_finished", "finish_reason", "num_cached_tokens", "new_text", "error_code", "error_message")
+    __slots__ = ("request_id", "new_token_ids", "new_logprobs", "is_finished", "finish_reason", "num_cached_tokens", "new_text", "error_code", "error_message", "kv_event")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class RequestStepOutput(_message.Message):
     NEW_TEXT_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
     new_logprobs: _containers.RepeatedCompositeFieldContainer[_serving_pb2.TokenLogprob]
@@ -77,7 +78,8 @@ class RequestStepOutput(_message.Message):
     new_text: str
     error_code: str
     error_message: str
-    def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., new_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TokenLogprob, _Mapping]]] = ..., is_finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_cached_tokens: _Optional[int] = ..., new_text: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    kv_event: KvEvent
+    def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., new_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TokenLogprob, _Mapping]]] = ..., is_finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_cached_tokens: _Optional[int] = ..., new_text: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., kv_event: _Optional[_Union[KvEvent, _Mapping]] = ...) -> None: ...
 
 class StepOutputs(_message.Message):
     __slots__ = ("outputs",)

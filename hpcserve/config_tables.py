@@ -1,0 +1,311 @@
+"""Site-config tables: one frozen dataclass per TOML table, with per-key docs and validation.
+No torch. ``hpcserve.config`` loads files into them and renders docs from their metadata.
+
+Every field is declared with ``_opt(default, help, example)``; ``_Section.__post_init__``
+checks each value's type (from the annotation) and then the table's own ``_problems()``,
+raising :class:`ConfigError` with ``table.key``, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hpcserve.errors import HpcserveError
+
+DTYPES = ("float32", "bfloat16")
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_WINDOW_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+class ConfigError(HpcserveError, ValueError):
+    """The site config (file, env var or override) is invalid. ``key`` is ``"table.key"`` when known."""
+
+    def __init__(self, message: str, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.source = source
+
+
+def _opt(default, help: str, example: Any = None, kind: str | None = None):
+    """A dataclass field with the doc text used by render_defaults() and the docs table."""
+    meta = {"help": help, "example": example}
+    if kind:
+        meta["kind"] = kind
+    return field(default=default, metadata=meta)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_listen(value: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` → (host, port); None when malformed."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            return None
+        port = rest[1:]
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or ":" in host:
+            return None
+    if not host or not re.fullmatch(r"[A-Za-z0-9._:%-]+", host) or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+def _window_seconds(value: str) -> float | None:
+    m = _WINDOW_RE.match(value.strip())
+    if not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1)) * _WINDOW_UNITS[m.group(2)]
+
+
+class _Section:
+    """Shared validation: subclasses define ``TABLE`` and ``_problems()`` → [(field, message)]."""
+
+    TABLE = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            msg = _type_problem(f, getattr(self, f.name))
+            if msg:
+                raise ConfigError(f"{self.TABLE}.{_kebab(f.name)}: {msg}", key=f"{self.TABLE}.{_kebab(f.name)}")
+        for name, msg in self._problems():
+            raise ConfigError(f"{self.TABLE}.{_kebab(name)}: {msg}", key=f"{self.TABLE}.{_kebab(name)}")
+
+    def _problems(self) -> list[tuple[str, str]]:
+        return []
+
+
+def _at_least(obj, name: str, low: float, strict: bool = False) -> list[tuple[str, str]]:
+    v = getattr(obj, name)
+    if v is None or (v > low if strict else v >= low):
+        return []
+    bound = f"> {low}" if strict else f">= {low}"
+    return [(name, f"must be {bound}, got {v!r}; set {_kebab(name)} to a value {bound}")]
+
+
+@dataclass(frozen=True)
+class ModelSection(_Section):
+    TABLE = "model"
+    path: str = _opt("demo", 'Model to serve: "demo" (built-in tiny model), an HF-layout directory, or a .gguf file.',
+                     example="/lustre/models/Qwen3-8B")
+    dtype: str = _opt("float32", f"Checkpoint/serving dtype: {' | '.join(DTYPES)}.")
+    max_model_len: int | None = _opt(None, "Context length limit in tokens (default: min(model max positions, 8192)).",
+                                     example=8192)
+
+    def _problems(self):
+        out = []
+        if not self.path.strip():
+            out.append(("path", 'is empty; set path = "demo", an HF model directory or a .gguf file'))
+        if self.dtype not in DTYPES:
+            out.append(("dtype", (f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}; "
+                                  'set dtype = "bfloat16" for bf16 checkpoints, else "float32"')))
+        return out + _at_least(self, "max_model_len", 1)
+
+
+@dataclass(frozen=True)
+class EngineSection(_Section):
+    TABLE = "engine"
+    block_size: int = _opt(16, "Tokens per KV-cache block.")
+    kv_cache_gb: float = _opt(2.0, "Memory for the paged KV cache per replica, in GiB.")
+    max_num_seqs: int = _opt(64, "Most sequences running at once per replica.")
+    max_num_batched_tokens: int = _opt(2048, "Token budget per engine step (prefill chunks + decodes).")
+    enable_prefix_caching: bool = _opt(True, "Reuse KV blocks of identical prompt prefixes.")
+    num_threads: int | None = _opt(None, "torch intra-op CPU threads per rank (default: torch's choice).", example=4)
+
+    def _problems(self):
+        return (_at_least(self, "block_size", 1) + _at_least(self, "kv_cache_gb", 0, strict=True)
+                + _at_least(self, "max_num_seqs", 1) + _at_least(self, "max_num_batched_tokens", 1)
+                + _at_least(self, "num_threads", 1))
+
+
+@dataclass(frozen=True)
+class DaemonSection(_Section):
+    TABLE = "daemon"
+    listen: str = _opt("127.0.0.1:50051", 'gRPC address as host:port ("127.0.0.1:0" picks a free port).')
+    state_dir: str = _opt("~/.hpcserve", "Directory for the batch store, endpoint file and logs (~ and $VARS expand).")
+    ranks: int = _opt(1, "MPI ranks in the worker step (one GPU each; CPU threads locally).")
+    mpiexec: str | None = _opt(None, "mpiexec used to launch workers locally (default: the one next to the Python "
+                                     "interpreter, i.e. the venv's).", example="/usr/bin/mpiexec")
+    worker_restart_limit: int = _opt(5, "Failed worker-step launches in a row before the daemon gives up "
+                                        "(a launch that served 60 s resets the count).")
+    worker_start_timeout_s: float = _opt(600.0, "Seconds the worker ranks get to load the model and connect.")
+    dedicated_chat_replicas: int = _opt(0, "0: every replica serves chat and batch (shared). k > 0: replicas 0..k-1 "
+                                           "serve only chat and the rest only batch (a dedicated split).")
+    batch_watermark: int | None = _opt(None, "Most batch lines in flight per replica (default: engine.max-num-seqs); "
+                                             "keeps each replica's batch backlog shallow.", example=32)
+    chat_pack_limit: int = _opt(4, "Chat requests packed onto one replica before chat spills to the next (0 spreads "
+                                   "chat evenly). Packing leaves the other replicas' batch work uncapped.")
+    chat_kv_reserve: float = _opt(0.1, "Fraction of each replica's KV cache that batch lines may not claim, kept "
+                                       "free for chat.")
+    drain_timeout_s: float = _opt(30.0, "On SIGTERM/SIGINT: seconds in-flight chats get to finish (batch lines "
+                                        "are checkpointed at once and resume on the next start).")
+
+    def _problems(self):
+        out = []
+        if _parse_listen(self.listen) is None:
+            out.append(("listen", (f"expected host:port like 127.0.0.1:50051 or [::1]:50051 (port 0-65535), "
+                                   f"got {self.listen!r}")))
+        if not self.state_dir.strip():
+            out.append(("state_dir", 'is empty; set state-dir to a writable directory, e.g. "~/.hpcserve"'))
+        if self.mpiexec is not None and not self.mpiexec.strip():
+            out.append(("mpiexec", "is empty; remove the key to use the venv's mpiexec, or give a path"))
+        return (out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
+                + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0)
+                + _at_least(self, "dedicated_chat_replicas", 0) + _at_least(self, "batch_watermark", 1)
+                + _at_least(self, "chat_pack_limit", 0)
+                + self._split_problems())
+
+    def _split_problems(self):
+        out = []
+        if self.dedicated_chat_replicas and self.dedicated_chat_replicas >= self.ranks:
+            out.append(("dedicated_chat_replicas", f"must be below ranks ({self.ranks}) so that some replica "
+                        f"serves batch, got {self.dedicated_chat_replicas}; use 0 to share every replica"))
+        if not 0 <= self.chat_kv_reserve < 1:
+            out.append(("chat_kv_reserve", f"must be in [0, 1), got {self.chat_kv_reserve!r}"))
+        return out
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return _parse_listen(self.listen)  # type: ignore[return-value]  # validated
+
+    @property
+    def state_path(self) -> Path:
+        return Path(os.path.expandvars(self.state_dir)).expanduser()
+
+    @property
+    def mpiexec_path(self) -> str:
+        if self.mpiexec:
+            return os.path.expanduser(os.path.expandvars(self.mpiexec))
+        return str(Path(sys.executable).parent / "mpiexec")
+
+
+@dataclass(frozen=True)
+class SloSection(_Section):
+    TABLE = "slo"
+    chat_ttft_p99_s: float = _opt(1.0, "Chat target: 99th-percentile time to first token, seconds.")
+    chat_itl_p99_s: float = _opt(0.2, "Chat target: 99th-percentile inter-token latency, seconds.")
+    batch_step_slowdown: float = _opt(0.2, "Batch work may make an engine step that carries chat tokens at most "
+                                           "this fraction slower (predicted by the online step-time model).")
+    batch_completion_window: str = _opt("24h", 'Batch target: finish a batch within this window ("90m", "24h", "2d"; '
+                                               'units s m h d).')
+
+    def _problems(self):
+        out = (_at_least(self, "chat_ttft_p99_s", 0, strict=True) + _at_least(self, "chat_itl_p99_s", 0, strict=True)
+               + _at_least(self, "batch_step_slowdown", 0))
+        if _window_seconds(self.batch_completion_window) is None:
+            out.append(("batch_completion_window", ('expected a positive number and a unit s|m|h|d like "24h", '
+                                                    f"got {self.batch_completion_window!r}")))
+        return out
+
+    @property
+    def batch_completion_window_s(self) -> float:
+        return _window_seconds(self.batch_completion_window)  # type: ignore[return-value]  # validated
+
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+def parse_roles(spec: str) -> list[str] | None:
+    """``"prefill:1,decode:2"`` → ``["prefill", "decode", "decode"]`` (rank order); ``""`` → ``[]``;
+    None if malformed."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, sep, count = part.partition(":")
+        name = name.strip().lower()
+        if name not in ROLES or (sep and not count.strip().isdigit()):
+            return None
+        out += [name] * (int(count) if sep else 1)
+    return out
+
+
+@dataclass(frozen=True)
+class DisaggSection(_Section):
+    TABLE = "disagg"
+    roles: str = _opt("", 'Replica roles in rank order, as "prefill:N,decode:M" (a "mixed:K" part may follow); '
+                          "the counts must add up to daemon.ranks. Empty: every replica is mixed (prefill and "
+                          "decode on the same rank). Prefill replicas compute prompts and hand the KV cache "
+                          "to a decode replica over MPI.", example="prefill:1,decode:3")
+    transfer_timeout_s: float = _opt(30.0, "Seconds a KV handoff may take before it fails; the decode replica "
+                                           "then computes the prompt itself.")
+    kv_checksum: bool = _opt(False, "Debug: the sender digests every layer group (blake2b) and the receiver "
+                                    "verifies them (counted in hpcserve status). Costs a pass over the bytes.")
+    group_mib: float = _opt(4.0, "Target size of one KV handoff message (a group of consecutive layers), MiB; "
+                                 "smaller groups overlap packing and sending more, larger ones cost fewer messages.")
+
+    def _problems(self):
+        out = _at_least(self, "transfer_timeout_s", 0, strict=True) + _at_least(self, "group_mib", 0, strict=True)
+        roles = parse_roles(self.roles)
+        if roles is None:
+            out.append(("roles", (f'expected "prefill:N,decode:M" (roles {", ".join(ROLES)} with counts), '
+                                  f"got {self.roles!r}")))
+        elif ("prefill" in roles) != ("decode" in roles):
+            out.append(("roles", (f"{self.roles!r} needs both prefill and decode replicas (a prefill replica "
+                                  'hands its KV to a decode replica), e.g. "prefill:1,decode:1"')))
+        return out
+
+    @property
+    def role_list(self) -> list[str]:
+        return parse_roles(self.roles) or []
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return "prefill" in self.role_list
+
+
+def _kind(f) -> tuple[str, bool]:
+    """("int"|"float"|"bool"|"str", optional) from the field's (string) annotation."""
+    t = str(f.type).replace(" ", "")
+    return t.replace("|None", ""), "|None" in t
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _toml_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, dict):
+        return "table"
+    if isinstance(v, list):
+        return "array"
+    return type(v).__name__
+
+
+def _type_problem(f, v: Any) -> str | None:
+    kind, optional = _kind(f)
+    if v is None and optional:
+        return None
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+    }[kind]
+    if ok:
+        return None
+    example = f.default if f.default is not None else f.metadata.get("example")
+    quotes = " (no quotes)" if kind != "str" and isinstance(v, str) else ""
+    return (f"expected {_KIND_NAMES[kind]}, got {_toml_type(v)} {v!r}; write it like "
+            f"{_kebab(f.name)} = {_toml_value(example)}{quotes}")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
