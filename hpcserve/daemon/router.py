@@ -394,8 +394,10 @@ class Router:
         await self._abort_cancelled()
         if not self.is_ready or not self._feeding:
             return
-        feedable = self.decodes if self.disaggregated else [
-            r for r in self.pool.replicas.values() if not r.is_chat_only and r.hello.role != pb.REPLICA_ROLE_PREFILL]
+        # a line is booked on a decode or mixed replica (its "home"); on a decode replica it is
+        # prefilled by a prefill replica first, on a mixed one it runs colocated
+        feedable = [r for r in self.pool.replicas.values()
+                    if not r.is_chat_only and r.hello.role != pb.REPLICA_ROLE_PREFILL]
         room = sum(max(0, self.batch_watermark - r.num_inflight_batch) for r in feedable)
         if room <= 0:
             return
@@ -422,7 +424,7 @@ class Router:
             req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
             inf = Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
                            kv_blocks=need, home=replica)
-            if self.disaggregated and len(ids) >= 2:
+            if self.disaggregated and len(ids) >= 2 and replica.hello.role == pb.REPLICA_ROLE_DECODE:
                 inf.replica = inf.prefill = self._pick_prefill(interactive=False)
                 inf.stage = PREFILL
             self._send(inf)
