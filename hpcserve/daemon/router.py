@@ -230,7 +230,7 @@ class Router:
         """The decode replica with the most KV headroom: free blocks in its last load report minus
         the blocks of handoffs sent to it since, then the fewest requests in flight."""
         def headroom(r):
-            return r.load.num_free_kv_blocks or r.hello.num_kv_blocks
+            return r.load.num_free_kv_blocks if r.load.num_kv_blocks else r.hello.num_kv_blocks  # before 1st report
         return max(self.decodes, key=lambda r: (headroom(r) - r.kv_promised, -r.num_inflight, -r.replica_id))
 
     def _on_kv_event(self, replica, inf: Inflight, ev) -> None:
