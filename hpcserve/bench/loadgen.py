@@ -185,7 +185,10 @@ class Session:
     async def batch(self, batch_id: str) -> pb.Batch:
         return await self.stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id), metadata=self.md, timeout=30)
 
-    async def chat(self, rid: str, prompt_ids: Sequence[int], max_tokens: int, rec: mixed.ChatRecord) -> None:
+    async def chat(self, rid: str, prompt_ids: Sequence[int], max_tokens: int, rec: mixed.ChatRecord,
+                   on_chunk: Callable[[pb.CompletionChunk], None] | None = None) -> None:
+        """One greedy interactive ``Complete`` (EOS ignored); token times and errors go to ``rec``,
+        every chunk also to ``on_chunk`` (e.g. to keep the token ids or the last chunk's metrics)."""
         req = pb.CompletionRequest(
             prompt_token_ids=pb.TokenIds(ids=list(prompt_ids)), request_id=rid,
             request_class=pb.REQUEST_CLASS_INTERACTIVE,
@@ -195,6 +198,8 @@ class Session:
             async for chunk in call:
                 if chunk.token_ids:
                     rec.chunks.append((time.monotonic(), len(chunk.token_ids)))
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if chunk.finish_reason in (pb.FINISH_REASON_ABORT, pb.FINISH_REASON_ERROR):
                     rec.error = pb.FinishReason.Name(chunk.finish_reason)
         except grpc.aio.AioRpcError as exc:

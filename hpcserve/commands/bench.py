@@ -107,3 +107,73 @@ def mixed_cmd(model, ranks, chat_rate, duration, batch_lines, seed, config_path,
     res = run_mixed(model, ranks, chat_rate, duration, batch_lines, seed=seed, config_path=config_path,
                     ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo)
     click.echo(json.dumps(res, indent=None) if as_json else render_table(res))
+
+
+def _disagg_help() -> str:
+    from hpcserve.bench import disagg as d
+
+    return f"""Disaggregated prefill/decode against colocated serving on the same ranks.
+
+    One run, three measurements (about 2 x (daemon start + parity + --duration + the
+    load's tail) + a few seconds: 4-5 minutes on the demo model with the defaults):
+
+    \b
+    1. ITL under prefill-heavy load. Two daemons, one after the other, on --ranks ranks:
+         colocated      every replica mixed (prefill and decode, chunked prefill)
+         disaggregated  [disagg] roles = "prefill:1,decode:RANKS-1"
+       Same load in both, for --duration seconds: --streams stream slots, each sending
+       greedy requests of {d.STREAM_PROMPT_LEN[0]}-{d.STREAM_PROMPT_LEN[1]} prompt and \
+{d.STREAM_OUTPUT_LEN} output tokens back to back,
+       while long prompts ({d.LONG_PROMPT_LEN[0]}-{d.LONG_PROMPT_LEN[1]} tokens, {d.LONG_OUTPUT_LEN} output \
+tokens) arrive as a Poisson
+       process at --rate per second. itl_p99_s: p99 of the streams' inter-token gaps
+       until the last long prompt is done. goodput: requests per second of the window
+       that met the TTFT and ITL SLOs.
+    2. Parity: before the load, {len(d.PARITY_PROMPT_LENS)} prompts of \
+{d.PARITY_PROMPT_LENS[0]}-{d.PARITY_PROMPT_LENS[-1]} tokens, greedy, in both
+       daemons; parity is true when all outputs are identical.
+    3. KV handoff bandwidth against raw MPI Send/Recv of the same bytes between the
+       same 2 ranks (mpiexec -n 2 python -m hpcserve.transfer.bench, the model's KV
+       geometry, prompts of {",".join(map(str, d.TRANSFER_TOKENS))} tokens); and from the disaggregated run,
+       the handoff latency of every request against its prompt length.
+
+    \b
+    Targets (PASS/FAIL with the numbers):
+      handoff_ratio >= {d.HANDOFF_RATIO_MIN}
+      itl_p99_s disaggregated <= colocated
+      parity true
+
+    Progress goes to stderr; the report (or one JSON object with --json: handoff_gib_s,
+    mpi_raw_gib_s, handoff_ratio, itl_p99_s and goodput per mode, parity, and details)
+    to stdout. Definitions: bench/README.md.
+    """
+
+
+@bench.command("disagg", help=_disagg_help(), short_help="Disaggregated prefill/decode vs colocated: ITL, "
+               "handoff bandwidth, parity.")
+@click.option("--model", default="demo", show_default=True, metavar="PATH|demo",
+              help="HF directory, .gguf file, or 'demo'.")
+@click.option("--ranks", default=2, show_default=True, type=click.IntRange(2),
+              help="Worker ranks of each daemon (disaggregated: 1 prefill, the rest decode).")
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Load window of each mode, seconds.")
+@click.option("--rate", default=0.2, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Long-prompt arrivals per second (Poisson).")
+@click.option("--streams", default=8, show_default=True, type=click.IntRange(1),
+              help="Stream slots (concurrent decode-heavy requests) during the window.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the workload (arrivals, lengths, ids).")
+@click.option("--config", "config_path", default=None, metavar="FILE", type=click.Path(dir_okay=False, exists=True),
+              help="Site config TOML for both daemons (the benchmark sets the SLO keys and disagg.roles).")
+@click.option("--chat-ttft-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="TTFT SLO for goodput [default: the config's slo.chat-ttft-p99-s].")
+@click.option("--chat-itl-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="ITL SLO for goodput [default: the config's slo.chat-itl-p99-s].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
+def disagg_cmd(model, ranks, duration, rate, streams, seed, config_path, chat_ttft_slo, chat_itl_slo,
+               as_json) -> None:
+    from hpcserve.bench.disagg import render_table
+    from hpcserve.bench.disagg_run import run_disagg
+
+    res = run_disagg(model, ranks, duration, rate, streams, seed=seed, config_path=config_path,
+                     ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo)
+    click.echo(json.dumps(res) if as_json else render_table(res))
