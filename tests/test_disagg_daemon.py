@@ -177,10 +177,11 @@ def test_cancelled_stream_frees_blocks_on_both_replicas(tiny_model_factory, tmp_
         assert d.stop() == 0
 
 
-# A model big enough that one prefill step takes a noticeable time on one core, so a handoff's
-# receive stays posted while the prefill rank is busy (or stopped).
-BIG = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-           intermediate_size=1024, max_position_embeddings=2048)
+# Few, wide layers: one layer of a long prefill takes a noticeable time on one core. The prefill rank
+# handles a StartKvSend between layers, so a handoff's receive stays posted for up to a layer's time;
+# stopping the rank then leaves it posted.
+BIG = dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+           intermediate_size=3072, max_position_embeddings=2048)
 
 
 def _long_prompts(n: int, seed: int, lo: int = 600, hi: int = 1200) -> list[list[int]]:
@@ -188,18 +189,23 @@ def _long_prompts(n: int, seed: int, lo: int = 600, hi: int = 1200) -> list[list
     return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def _stop_prefill_until_receive_posted(d: Daemon, pre_pid: int, tries: int = 30) -> bool:
-    """SIGSTOP the prefill rank at moments of load until the decode replica reports a posted
-    receive (a ready prompt whose StartKvSend the prefill rank has not handled). Leaves the
-    rank stopped and returns True, or resumes it and returns False."""
+def _stop_prefill_until_receive_posted(d: Daemon, pre_pid: int, tries: int = 60) -> bool:
+    """SIGSTOP the prefill rank at moments of load until the decode replica has a receive posted
+    that the stopped rank never started sending (a ready prompt whose StartKvSend it had not
+    handled): the decode side reports an active transfer in two load reports 0.4 s apart (a
+    transfer whose sends were posted completes without the sender: the receiver pulls the bytes).
+    Leaves the rank stopped and returns True, or resumes it and returns False."""
+    def active() -> int:
+        return _replica(d.info(), pb.REPLICA_ROLE_DECODE).kv.num_active
+
     for _ in range(tries):
         time.sleep(random.uniform(0.05, 0.4))
         os.kill(pre_pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 0.8
-        while time.monotonic() < deadline:
-            if _replica(d.info(), pb.REPLICA_ROLE_DECODE).kv.num_active > 0:
+        time.sleep(0.3)  # a load report after the stop
+        if active() > 0:
+            time.sleep(0.4)
+            if active() > 0:
                 return True
-            time.sleep(0.05)
         os.kill(pre_pid, signal.SIGCONT)
     return False
 
@@ -254,19 +260,21 @@ def test_stalled_prefill_rank_falls_back_to_colocated(tiny_model_factory, tmp_pa
 def test_sigkill_decode_rank_mid_transfer(tiny_model_factory, tmp_path):
     model = tiny_model_factory("llama", **BIG)
     cfg = _config(tmp_path, "site", "[disagg]\nroles = \"prefill:1,decode:1\"\n"
-                                    "[engine]\nmax-num-batched-tokens = 1024\n")
+                                    "[engine]\nmax-num-batched-tokens = 2048\n")
     d = Daemon(tmp_path / "state", model, ranks=2, extra_args=cfg).start()
     try:
         rng = random.Random(3)
         words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
         lines = [chat_line(f"id-{i}", " ".join(rng.choice(words) for _ in range(rng.randint(150, 300))),
-                           max_tokens=4) for i in range(24)]
+                           max_tokens=4) for i in range(48)]
         batch = d.submit("\n".join(lines).encode())
         results: dict = {}
-        threads = _stream_all(d, _long_prompts(4, seed=2), 40, results)
         pre_pid, dec_pid = _rank_pid(d, 0), _rank_pid(d, 1)
         assert _stop_prefill_until_receive_posted(d, pre_pid), "never caught a posted receive"
+        threads = _stream_all(d, _long_prompts(4, seed=2, lo=300, hi=600), 400, results)  # in flight at the kill
+        time.sleep(0.5)
         os.kill(dec_pid, signal.SIGKILL)  # the decode rank dies with a receive posted
+        assert d.batch(batch.id).request_counts.completed < 48  # mid-batch
         os.kill(pre_pid, signal.SIGCONT)
         for t in threads:
             t.join(timeout=300)
@@ -275,14 +283,14 @@ def test_sigkill_decode_rank_mid_transfer(tiny_model_factory, tmp_path):
             if isinstance(r, grpc.RpcError):
                 assert r.code() == grpc.StatusCode.UNAVAILABLE and "retry" in r.details(), r
             else:
-                assert len(r[0]) == 40
-        assert any(isinstance(r, grpc.RpcError) for r in results.values())
+                assert len(r[0]) == 400
+        assert any(isinstance(r, grpc.RpcError) for r in results.values())  # streams were cut, clearly
         info = d.wait_ready(timeout=300, min_restarts=1)
         assert _rank_pid(d, 1) != dec_pid
         b = d.wait_batch(batch.id, timeout=900)
         assert b.status == pb.BATCH_STATUS_COMPLETED, d.log_tail()
         got = _results(b)  # raises if a custom_id was written twice
-        assert sorted(got) == sorted(f"id-{i}" for i in range(24))  # each exactly once
+        assert sorted(got) == sorted(f"id-{i}" for i in range(48))  # each exactly once
         assert all(rec["error"] is None for rec in got.values()), [r["error"] for r in got.values() if r["error"]]
         toks, last = _complete(d, list(range(3, 60)), 5)  # the relaunched pair serves again
         assert len(toks) == 5 and last.metrics.disaggregated

@@ -56,6 +56,7 @@ CONNECT_TIMEOUT_S = 60.0
 EXIT_LINK_LOST = 3
 ENV_DAEMON, ENV_SECRET, ENV_CONFIG = "HPCSERVE_WORKER_DAEMON", "HPCSERVE_WORKER_SECRET", "HPCSERVE_WORKER_CONFIG"
 ENV_DISAGG = "HPCSERVE_WORKER_DISAGG"
+SEND_GROUPS_IN_FLIGHT = 256  # KV handoff: layer-group sends posted at once per transfer (at most its groups)
 HANDOFF_WAIT_S = 0.002  # idle wait between polls while only KV transfers are in flight
 
 
@@ -120,6 +121,19 @@ class LeaderLink:
             raise LinkLost(self.error or "the daemon closed the link")
         return msgs
 
+    def take_nowait(self) -> list:
+        """Every message waiting now, without waiting; the end-of-stream mark stays queued for ``recv``."""
+        msgs = []
+        while True:
+            try:
+                m = self.inbox.get_nowait()
+            except queue.Empty:
+                return msgs
+            if m is self._EOF:
+                self.inbox.put(m)
+                return msgs
+            msgs.append(m)
+
     def close(self) -> None:
         self._out.put(None)
         self.channel.close()
@@ -139,6 +153,8 @@ class ReplicaLoop:
         self._is_batch: dict[str, bool] = {}
         self.draining = False
         self._last_report = 0.0
+        if engine.handoff is not None:
+            engine.runner.model.layer_hook = self._between_layers
 
     def run(self) -> None:
         from hpcserve.api.v1 import worker_pb2 as wpb
@@ -223,10 +239,30 @@ class ReplicaLoop:
                 return False
         return True
 
-    def _handoff_events(self, out) -> None:
+    def _between_layers(self) -> None:
+        """Layer hook during a forward pass: start the KV sends the daemon asked for, post the
+        receives of handed-off prompts and report their events now rather than after the step, so a
+        handoff never waits a whole step of either peer. Other messages stay queued, in order, for
+        the loop; nothing here preempts (``handoff.poll(in_step=True)``)."""
         from hpcserve.api.v1 import worker_pb2 as wpb
 
-        for kind, rid, payload in self.engine.handoff.poll():
+        out = wpb.StepOutputs()
+        if not self.link.inbox.empty():
+            for m in self.link.take_nowait():
+                kind = m.WhichOneof("kind")
+                if kind == "start_kv_send" or (kind == "add_request" and m.add_request.HasField("remote_prefill")
+                                               and not self.draining):
+                    self._handle(m, out)
+                else:
+                    self._pending.append(m)
+        if self.engine.has_handoff_work():
+            self._handoff_events(out, in_step=True)
+        self._send_outputs(out)
+
+    def _handoff_events(self, out, in_step: bool = False) -> None:
+        from hpcserve.api.v1 import worker_pb2 as wpb
+
+        for kind, rid, payload in self.engine.handoff.poll(in_step=in_step):
             if kind == "ready":
                 ev = wpb.KvEvent(ready=wpb.KvReady(**payload))
             elif kind == "recv_meta":
@@ -332,7 +368,10 @@ def _attach_handoff(world, engine) -> str:
         raise RuntimeError(f"{ENV_DISAGG} names {len(roles)} roles for {world.size} ranks")
     from hpcserve.transfer.mpi import MpiConnector
 
-    connector = MpiConnector(world, timeout_s=float(spec.get("timeout_s", 30.0)), checksum=bool(spec.get("checksum")))
+    # every group posted at once (num_staging): the ranks poll only between layers and steps, and
+    # the receiver can then pull the whole request without waiting for the sender's next poll
+    connector = MpiConnector(world, timeout_s=float(spec.get("timeout_s", 30.0)), checksum=bool(spec.get("checksum")),
+                             num_staging=SEND_GROUPS_IN_FLIGHT)
     engine.attach_handoff(connector, world.rank, target_group_bytes=int(spec.get("group_bytes", 4 << 20)))
     log.info("role %s; KV handoff over MPI (timeout %.0f s, checksum %s)", roles[world.rank], connector.timeout_s,
              connector.checksum)

@@ -32,7 +32,7 @@ Interface, driven by the replica loop (one thread)::
     add_remote(req, src_rank, src_block_ids, num_tokens)
     abort(req_id) -> Request | None   a queued/receiving consumer request (to emit its abort),
                                       or None (also releases a held producer request)
-    poll() -> [(kind, req_id, payload)]   kinds: "ready" {block_ids, num_tokens,
+    poll(in_step=False) -> [(kind, req_id, payload)]   kinds: "ready" {block_ids, num_tokens,
                                       num_cached_tokens}, "recv_meta" (meta dict), "result"
                                       {is_send, success, nbytes, seconds, error, checksum_verified, peer}
     is_held(req_id), busy, counters()
@@ -148,13 +148,13 @@ class KVHandoff:
             i -= 1
         self.queued.insert(i, r)
 
-    def _start_receives(self) -> None:
+    def _start_receives(self, in_step: bool) -> None:
         while self.queued:
             r = self.queued[0]
             need = self.builder.geometry.num_blocks_for(r.num_tokens)
-            if self.kv.num_free_blocks < need and not (
+            if self.kv.num_free_blocks < need and (in_step or not (
                 r.req.priority <= PRIORITY_INTERACTIVE and self.scheduler.make_room(need, r.req.priority)
-            ):
+            )):
                 return  # blocks free up as requests finish; the head keeps its place
             self.queued.popleft()
             if not self.kv.allocate(r.req, r.num_tokens):
@@ -202,7 +202,11 @@ class KVHandoff:
                 self._free_held(req_id)
         return None
 
-    def poll(self) -> list[tuple[str, str, object]]:
+    def poll(self, in_step: bool = False) -> list[tuple[str, str, object]]:
+        """Finish what the connector reports done, release held blocks nobody asked for, start the
+        receives that fit, and return the events since the last call. ``in_step``: called between
+        layers of a forward pass (the model's layer hook), so nothing is preempted: blocks of
+        requests in the running step must not change hands."""
         if self.connector.num_active or self.receiving or self.held:
             for req_id, state in self.connector.done():
                 self._finished(req_id, state)
@@ -212,7 +216,7 @@ class KVHandoff:
                 log.warning("request %s: no decode replica asked for its KV within %.0f s; released",
                             req_id, self.connector.timeout_s)
                 self._free_held(req_id)
-        self._start_receives()
+        self._start_receives(in_step)
         out, self._events = self._events, []
         return out
 
