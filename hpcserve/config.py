@@ -38,6 +38,7 @@ from hpcserve.config_tables import (
     EngineSection,
     ModelSection,
     SloSection,
+    SlurmSection,
     _kebab,
     _kind,
     _Section,
@@ -54,6 +55,7 @@ __all__ = [
     "ModelSection",
     "SiteConfig",
     "SloSection",
+    "SlurmSection",
     "config_keys",
     "load_config",
     "render_defaults",
@@ -69,7 +71,7 @@ ENV_VARS = {  # env var -> "table.key"
 
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSection, "engine": EngineSection, "daemon": DaemonSection, "slo": SloSection,
-    "disagg": DisaggSection,
+    "disagg": DisaggSection, "slurm": SlurmSection,
 }
 
 
@@ -80,6 +82,7 @@ class SiteConfig:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     slo: SloSection = field(default_factory=SloSection)
     disagg: DisaggSection = field(default_factory=DisaggSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
 
     def __post_init__(self) -> None:
         roles, ranks = self.disagg.role_list, self.daemon.ranks

@@ -260,6 +260,70 @@ class DisaggSection(_Section):
         return "prefill" in self.role_list
 
 
+CONTINUATIONS = ("singleton", "requeue", "none")
+_SLURM_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+@dataclass(frozen=True)
+class SlurmSection(_Section):
+    TABLE = "slurm"
+    partition: str | None = _opt(None, "Partition to submit to (sbatch --partition).", example="gpu")
+    account: str | None = _opt(None, "Account to charge (sbatch --account).", example="proj123")
+    qos: str | None = _opt(None, "Quality of service (sbatch --qos).", example="normal")
+    nodes: int = _opt(1, "Nodes of the allocation; daemon.ranks tasks are spread over them.")
+    gpus_per_node: int = _opt(0, "GPUs per node (sbatch --gpus-per-node; one per rank on GPU clusters).")
+    cpus_per_task: int | None = _opt(None, "CPUs per rank (sbatch --cpus-per-task).", example=8)
+    mem: str | None = _opt(None, 'Memory per node (sbatch --mem, e.g. "0" for all of it).', example="200G")
+    time: str = _opt("12:00:00", 'Walltime of one allocation ("HH:MM:SS", "D-HH:MM:SS" or minutes).')
+    drain_s: int = _opt(600, "Seconds before the walltime at which Slurm signals USR1 (sbatch --signal) and the "
+                             "daemon drains: batch lines that cannot finish stop, state is flushed, exit 0.")
+    continuation: str = _opt("singleton", 'How the service continues after an allocation ends: "singleton" '
+                                          "(the script submits its successor with --dependency=singleton), "
+                                          '"requeue" (scontrol requeue of the same job) or "none".')
+    job_name: str = _opt("hpcserve", "Job name; with continuation = singleton it also chains the allocations.")
+    mpi: str = _opt("pmi2", 'srun --mpi plugin for the worker step: "pmi2" for the mpich wheel, "pmix" for '
+                            "Open MPI (with mpi4py-mpiabi = \"openmpi\"), or the site's choice.")
+    mpi4py_mpiabi: str | None = _opt(None, 'MPI4PY_MPIABI for the workers: which MPI library mpi4py loads '
+                                           '("openmpi", "mpich"; unset: the first one found).', example="openmpi")
+    srun_args: str = _opt("", 'Extra srun arguments for the worker step, e.g. "--cpu-bind=cores".')
+    env: str = _opt("", 'Environment for the worker step, as space-separated NAME=VALUE pairs, e.g. '
+                        '"UCX_TLS=rc,sm,self UCX_NET_DEVICES=mlx5_0:1".')
+    setup: str = _opt("", 'Shell lines run before hpcserve in the job script (module loads), separated by ";".',
+                      example="module load openmpi/4.1 ucx")
+
+    def _problems(self):
+        out = _at_least(self, "nodes", 1) + _at_least(self, "gpus_per_node", 0) + _at_least(
+            self, "cpus_per_task", 1) + _at_least(self, "drain_s", 0)
+        if not _SLURM_TIME_RE.match(self.time.strip()):
+            out.append(("time", f'expected a Slurm time like "12:00:00", "1-00:00:00" or "90", got {self.time!r}'))
+        if self.continuation not in CONTINUATIONS:
+            out.append(("continuation", f"must be one of {', '.join(CONTINUATIONS)}, got {self.continuation!r}"))
+        if not self.mpi.strip() or " " in self.mpi.strip():
+            out.append(("mpi", f'expected one srun --mpi plugin name like "pmi2" or "pmix", got {self.mpi!r}'))
+        bad = [kv for kv in self.env.split() if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", kv)]
+        if bad:
+            out.append(("env", f"expected NAME=VALUE pairs separated by spaces, got {' '.join(bad)!r}"))
+        return out
+
+    @property
+    def env_vars(self) -> dict[str, str]:
+        return dict(kv.split("=", 1) for kv in self.env.split())
+
+    def time_s(self) -> int:
+        """The walltime in seconds (Slurm's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S)."""
+        t = self.time.strip()
+        days, _, rest = t.rpartition("-")
+        parts = [int(x) for x in rest.split(":")]
+        if days:
+            h, m, sec = (parts + [0, 0])[:3]
+            return int(days) * 86400 + h * 3600 + m * 60 + sec
+        if len(parts) == 1:
+            return parts[0] * 60
+        if len(parts) == 2:
+            return parts[0] * 60 + parts[1]
+        return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 def _kind(f) -> tuple[str, bool]:
     """("int"|"float"|"bool"|"str", optional) from the field's (string) annotation."""
     t = str(f.type).replace(" ", "")
