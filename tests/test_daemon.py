@@ -184,7 +184,11 @@ def test_health_and_reflection(daemon):
     with grpc.insecure_channel(daemon.address) as ch:  # neither needs the token
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "hpcserve.api.v1.Serving"):
-            res = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            for _ in range(50):  # health follows readiness within its 0.2 s tracking period
+                res = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                if res.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.1)
             assert res.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),

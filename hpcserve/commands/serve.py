@@ -25,9 +25,12 @@ from hpcserve.errors import HpcserveError
               "[env HPCSERVE_STATE_DIR; config: daemon.state-dir; default ~/.hpcserve]")
 @click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
               help="Site config TOML (see site-configs/ and docs/config.md).")
+@click.option("--slurm", "use_slurm", is_flag=True, help="Run inside a Slurm allocation (an sbatch job, see "
+              "`hpcserve sbatch render`): start the workers with srun as a step of this job, --ranks defaults to "
+              "SLURM_NTASKS, and drain on SIGUSR1 (sbatch --signal=B:USR1@SECONDS).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
-def serve(model, ranks, roles, listen, state_dir, config_path, log_level):
+def serve(model, ranks, roles, listen, state_dir, config_path, use_slurm, log_level):
     """Run the control daemon: serve chats and batch jobs from one set of worker ranks.
 
     With --roles prefill:N,decode:M the ranks split into prefill and decode replicas: every
@@ -45,15 +48,34 @@ def serve(model, ranks, roles, listen, state_dir, config_path, log_level):
 
     if roles is not None and ranks is None and parse_roles(roles):
         ranks = len(parse_roles(roles))  # --roles alone sets the rank count
+    if use_slurm:
+        ranks = _slurm_ranks(ranks)
     cfg = load_config(config_path, overrides={"model.path": model, "daemon.ranks": ranks, "disagg.roles": roles,
                                               "daemon.listen": listen, "daemon.state-dir": state_dir})
     mpiexec = cfg.daemon.mpiexec_path
-    if not Path(mpiexec).is_file():
+    if not use_slurm and not Path(mpiexec).is_file():
         raise HpcserveError(f"mpiexec not found at {mpiexec}: install an MPI (`pip install mpich` in this venv) "
                             "or set [daemon] mpiexec in the site config")
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s hpcserve %(levelname)s %(message)s")
-    sys.exit(run_daemon(cfg))
+    sys.exit(run_daemon(cfg, slurm=use_slurm))
+
+
+def _slurm_ranks(ranks: int | None) -> int:
+    """--slurm: the worker step's size is the allocation's task count unless --ranks says less."""
+    import os
+    import shutil
+
+    ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
+    if not os.environ.get("SLURM_JOB_ID") or not ntasks:
+        raise HpcserveError("--slurm: not inside a Slurm allocation (SLURM_JOB_ID/SLURM_NTASKS unset); run it from "
+                            "an sbatch script (`hpcserve sbatch render`) or drop --slurm to use the local mpiexec")
+    if shutil.which("srun") is None:
+        raise HpcserveError("--slurm: srun is not on PATH")
+    if ranks is not None and ranks > int(ntasks):
+        raise HpcserveError(f"--ranks {ranks} exceeds the allocation's {ntasks} tasks (SLURM_NTASKS); "
+                            "submit with --ntasks >= ranks or lower --ranks")
+    return ranks or int(ntasks)
 
 
 @click.command(hidden=True)

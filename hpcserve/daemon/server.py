@@ -40,6 +40,7 @@ from hpcserve.errors import HpcserveError
 log = logging.getLogger("hpcserve.daemon")
 
 SERVICE = "hpcserve.api.v1.Serving"
+WALLTIME_CHECK_S = 5.0  # --slurm: how often the time left is compared with the drain window
 
 
 def _public_host(host: str) -> str:
@@ -66,14 +67,16 @@ def _allocation_info():
     return info
 
 
-def serve(config) -> int:
-    """Run the daemon until a signal (exit 0) or an unrecoverable worker failure (exit 1)."""
-    return asyncio.run(_Daemon(config).run())
+def serve(config, slurm: bool = False) -> int:
+    """Run the daemon until a signal (exit 0) or an unrecoverable worker failure (exit 1).
+    ``slurm``: inside an allocation, launch the workers with srun (``[slurm]`` settings)."""
+    return asyncio.run(_Daemon(config, slurm).run())
 
 
 class _Daemon:
-    def __init__(self, config) -> None:
+    def __init__(self, config, slurm: bool = False) -> None:
         self.config = config
+        self.use_slurm = slurm
         self.stop_requested = asyncio.Event()
         self.signals = 0
 
@@ -84,7 +87,7 @@ class _Daemon:
         from hpcserve.daemon.batches import BatchStore
         from hpcserve.daemon.endpoint import write_endpoint
         from hpcserve.daemon.router import Router
-        from hpcserve.daemon.workers import WorkerPool
+        from hpcserve.daemon.workers import WorkerPool, launcher_command
 
         cfg = self.config
         state = cfg.daemon.state_path
@@ -113,10 +116,13 @@ class _Daemon:
             raise HpcserveError(f"cannot listen on {cfg.daemon.listen} (in use, or not an address of this "
                                 "host); set --listen HOST:PORT, e.g. 127.0.0.1:0 for any free port")
         address = f"{_public_host(host)}:{bound}"
+        slurm = cfg.slurm if self.use_slurm else None
+        launcher = launcher_command(cfg.daemon.ranks, cfg.daemon.mpiexec_path, slurm)
         pool = WorkerPool(
-            num_ranks=cfg.daemon.ranks, mpiexec=cfg.daemon.mpiexec_path, engine_fields=engine_fields,
+            num_ranks=cfg.daemon.ranks, launcher=launcher, engine_fields=engine_fields,
             link_address=address, log_dir=state / "logs", restart_limit=cfg.daemon.worker_restart_limit,
-            start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router, disagg=_disagg_spec(cfg))
+            start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router, disagg=_disagg_spec(cfg),
+            launch_env=_slurm_env(slurm))
         router.pool = pool
         servicer = ServingServicer(
             router=router, frontend=frontend, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
@@ -133,11 +139,13 @@ class _Daemon:
         await server.start()
         write_endpoint(state, address, token)
         log.info("hpcserve daemon listening on %s (state dir %s); launching %d worker rank(s) with %s",
-                 address, state, cfg.daemon.ranks, cfg.daemon.mpiexec_path)
+                 address, state, cfg.daemon.ranks, " ".join(launcher))
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_drain_signal)
+        walltime = asyncio.create_task(self._watch_walltime(servicer)) if self.use_slurm else None
         pool_task = asyncio.create_task(pool.run())
         feeder = asyncio.create_task(router.run_feeder())
         health_task = asyncio.create_task(self._track_health(health_servicer, router))
@@ -146,6 +154,8 @@ class _Daemon:
         exit_code = 1 if pool.fatal else 0
 
         # ---- graceful stop
+        if walltime is not None:
+            walltime.cancel()
         log.info("stopping: draining in-flight work")
         from hpcserve.daemon.endpoint import mark_draining, remove_endpoint
 
@@ -176,6 +186,26 @@ class _Daemon:
             log.error("%s", pool.fatal)
         log.info("stopped")
         return exit_code
+
+    def _on_drain_signal(self) -> None:
+        log.info("SIGUSR1: the allocation ends soon (sbatch --signal); draining: batch lines go back to "
+                 "pending for the next allocation, chats get drain-timeout-s")
+        self.signals = max(self.signals, 1)
+        self.stop_requested.set()
+
+    async def _watch_walltime(self, servicer) -> None:
+        """--slurm: drain on our own when the allocation's time left falls below [slurm] drain-s (in case
+        the USR1 from ``--signal`` never comes, e.g. a script submitted without it)."""
+        drain_s = self.config.slurm.drain_s
+        while True:
+            await asyncio.sleep(WALLTIME_CHECK_S)
+            alloc = await asyncio.to_thread(servicer.allocation) if servicer.allocation is not None else None
+            if alloc is not None and alloc.end_time and alloc.seconds_left <= drain_s:
+                log.info("%d s left in Slurm job %s (drain window %d s): draining", alloc.seconds_left,
+                         alloc.job_id, drain_s)
+                self.signals = max(self.signals, 1)
+                self.stop_requested.set()
+                return
 
     def _on_signal(self) -> None:
         self.signals += 1
@@ -223,3 +253,13 @@ def _disagg_spec(cfg) -> dict | None:
         return None
     return {"roles": d.role_list, "timeout_s": d.transfer_timeout_s, "checksum": d.kv_checksum,
             "group_bytes": int(d.group_mib * (1 << 20))}
+
+
+def _slurm_env(slurm) -> dict[str, str]:
+    """Environment of an srun worker step: the site's ``[slurm] env`` and the mpi4py ABI choice."""
+    if slurm is None:
+        return {}
+    env = dict(slurm.env_vars)
+    if slurm.mpi4py_mpiabi:
+        env["MPI4PY_MPIABI"] = slurm.mpi4py_mpiabi
+    return env

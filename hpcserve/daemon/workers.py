@@ -1,7 +1,8 @@
 """The worker step as seen from the daemon: launch, link, watch, relaunch. No torch.
 
-``WorkerPool`` owns one *launch* at a time: an ``mpiexec -n N hpcserve worker`` process
-group (its own session, so it can be killed whole), a fresh secret, and the replicas whose
+``WorkerPool`` owns one *launch* at a time: a ``LAUNCHER hpcserve worker`` process group
+(``mpiexec -n N`` locally, ``srun --mpi=PLUGIN --overlap -n N`` inside a Slurm allocation: see
+``launcher_command``) (its own session, so it can be killed whole), a fresh secret, and the replicas whose
 leaders dialled back. It also implements the daemon side of ``WorkerLink.Connect``.
 
 Launch lifecycle (``WorkerPool.run``, a task on the daemon's event loop)::
@@ -81,6 +82,19 @@ class Replica:
             kv=pb.KvHandoffInfo(**{f.name: getattr(ld.kv, f.name) for f in wpb.KvCounters.DESCRIPTOR.fields}))
 
 
+def launcher_command(num_ranks: int, mpiexec: str, slurm=None) -> list[str]:
+    """How the worker step starts: the venv's ``mpiexec -n N`` locally; inside a Slurm allocation
+    (``slurm``: the ``[slurm]`` config table) ``srun --mpi=PLUGIN --overlap -n N`` as a step of the
+    daemon's own job (``--overlap``: it shares the job's CPUs with the batch script), with
+    ``--kill-on-bad-exit`` so that one dead rank ends the step and the daemon relaunches it."""
+    if slurm is None:
+        return [mpiexec, "-n", str(num_ranks)]
+    import shlex
+
+    return ["srun", f"--mpi={slurm.mpi}", "--overlap", "--kill-on-bad-exit=1", "-n", str(num_ranks),
+            *shlex.split(slurm.srun_args)]
+
+
 def worker_command() -> list[str]:
     """``hpcserve worker`` of this installation (the console script next to the interpreter)."""
     script = Path(sys.executable).parent / "hpcserve"
@@ -90,11 +104,12 @@ def worker_command() -> list[str]:
 
 
 class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
-    def __init__(self, *, num_ranks: int, mpiexec: str, engine_fields: dict, link_address: str,
+    def __init__(self, *, num_ranks: int, launcher: list[str], engine_fields: dict, link_address: str,
                  log_dir: Path, restart_limit: int, start_timeout_s: float, router,
-                 disagg: dict | None = None) -> None:
+                 disagg: dict | None = None, launch_env: dict[str, str] | None = None) -> None:
         self.num_ranks = num_ranks
-        self.mpiexec = mpiexec
+        self.launcher = launcher  # command prefix that starts num_ranks copies of the worker as one MPI world
+        self.launch_env = dict(launch_env or {})  # extra environment of the worker step (site MPI settings)
         self.engine_fields = engine_fields
         self.link_address = link_address
         self.log_dir = log_dir
@@ -147,7 +162,7 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
         try:
             self._proc = await self._spawn()
         except OSError as exc:
-            return f"cannot start {self.mpiexec}: {exc}", 0.0
+            return f"cannot start {self.launcher[0]}: {exc}", 0.0
         watcher = asyncio.create_task(self._watch_exit(self._proc, self.launch_id))
         t_ready = None
         try:
@@ -174,13 +189,14 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env.update(self.launch_env)
         env.update({ENV_DAEMON: self.link_address, ENV_SECRET: self._secret,
                     ENV_CONFIG: json.dumps(self.engine_fields)})
         if self.disagg:
             env[ENV_DISAGG] = json.dumps(self.disagg)
         else:
             env.pop(ENV_DISAGG, None)
-        cmd = [self.mpiexec, "-n", str(self.num_ranks), *worker_command()]
+        cmd = [*self.launcher, *worker_command()]
         logf = open(self.log_dir / "workers.log", "ab")  # noqa: SIM115, ASYNC230 - the child keeps it; closed below
         logf.write(f"\n=== launch {self.launch_id} at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
         logf.flush()
