@@ -31,6 +31,9 @@ demo: install
 	BIN=$(BIN) OUT=demo-out scripts/demo.sh
 
 test: install
+	@# the slurm-marked tests need a local single-node Slurm: started here when root with apt-get,
+	@# else those tests skip with the reason
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then scripts/slurm-local.sh start || echo "Slurm did not start: the slurm tests will skip"; fi
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
