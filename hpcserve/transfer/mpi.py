@@ -39,6 +39,13 @@ progresses all requests in any ``Test``), so call it often while transfers run; 
 spins with backoff. Every MPI call holds ``world.lock`` (a real lock below
 ``THREAD_MULTIPLE``; under ``FUNNELED``/``SINGLE`` drive the connector from the main thread).
 
+Buffer paths (:mod:`hpcserve.transfer.device`): staging buffers, what MPI is handed and
+the host⇄device copies come from a path object chosen per cache device on the first
+transfer of that device (``select_path``: CPU cache → ``HostPath``; CUDA cache →
+``CudaAwarePath`` if ``cuda_aware`` (default: ``mpi_cuda_aware()``) and not
+``host_staging``, else ``CudaStagedPath``); ``path=`` forces one. CUDA paths always
+receive in staging mode. The wire protocol does not depend on the path.
+
 Dead peer: if the launcher keeps the survivors alive, the transfer's MPI requests never
 complete (or raise) and the transfer fails after ``timeout_s``; requests that MPI did not
 let go keep their buffers (never reused) until ``close()``. MPICH's hydra launcher by
@@ -58,6 +65,7 @@ import numpy as np
 import torch
 
 from hpcserve.transfer.base import MAX_GROUPS, KVConnectorWorker, Transfer, TransferError, TransferState
+from hpcserve.transfer.device import HostPath, mpi_cuda_aware, select_path
 from hpcserve.transfer.packing import BlockMover, StagingPool, check_meta, combine_digests, digest, to_runs
 
 __all__ = ["MpiConnector"]
@@ -72,13 +80,10 @@ TAG0 = 64  # tags below stay free for other users of the duplicated communicator
 SLOT_STRIDE = MAX_GROUPS + 2  # control, groups, trailer
 
 
-def _u8(buf: torch.Tensor, n: int) -> np.ndarray:
-    return buf[:n].numpy()
-
-
 @dataclass
 class _SendCtx:
     mover: BlockMover
+    path: HostPath
     ctrl_buf: np.ndarray
     ctrl_req: Any = None
     ready: bool = False
@@ -91,6 +96,7 @@ class _SendCtx:
 @dataclass
 class _RecvCtx:
     mover: BlockMover
+    path: HostPath
     ctrl_buf: np.ndarray
     ctrl_req: Any = None
     ready_msg: tuple | None = None  # (req, buf): our READY header in flight
@@ -106,7 +112,9 @@ class MpiConnector(KVConnectorWorker):
     """Worker-side connector over MPI. ``num_staging``: group sends in flight per transfer
     (plus one packed ahead); ``recv_mode``: ``"direct"`` (receive into the cache through a
     datatype) or ``"staging"`` (receive into buffers, then unpack; ``recv_depth`` group
-    receives posted ahead per transfer). Constructing one is collective over ``world.comm``."""
+    receives posted ahead per transfer). ``pool``: host staging buffers of CPU caches;
+    ``cuda_aware`` / ``host_staging`` / ``path``: see the module docstring. Constructing one
+    is collective over ``world.comm``."""
 
     def __init__(
         self,
@@ -118,6 +126,9 @@ class MpiConnector(KVConnectorWorker):
         recv_depth: int = 3,
         recv_mode: str = "direct",
         pool: StagingPool | None = None,
+        cuda_aware: bool | None = None,
+        host_staging: bool = False,
+        path: HostPath | None = None,
         **kwargs,
     ) -> None:
         super().__init__(world.rank, timeout_s=timeout_s, checksum=checksum, **kwargs)
@@ -134,13 +145,18 @@ class MpiConnector(KVConnectorWorker):
         self.num_staging = num_staging
         self.recv_depth = recv_depth
         self.pool = pool or StagingPool()
+        self.cuda_aware = cuda_aware
+        self.host_staging = host_staging
+        self._paths: dict[Any, HostPath] = {}  # cache device -> buffer path
+        self._forced_path = path
         with self.lock:
             self.comm = world.comm.Dup()
             tag_ub = self.comm.Get_attr(MPI.TAG_UB)
         self.num_slots = (int(tag_ub) - TAG0 + 1) // SLOT_STRIDE // 2  # per direction
         if self.num_slots < 1:
             raise RuntimeError(f"MPI_TAG_UB={tag_ub} leaves no room for one transfer")
-        self._zombies: list[tuple[Any, Any, str | None]] = []  # (request, buffer kept alive, req_id if into cache)
+        # (request, buffer kept alive, req_id if into cache, path to release the buffer to)
+        self._zombies: list[tuple[Any, Any, str | None, HostPath | None]] = []
 
     # ------------------------------------------------------------------ helpers
     def _base_tag(self, meta) -> int:
@@ -196,18 +212,33 @@ class MpiConnector(KVConnectorWorker):
             return READY
         raise TransferError(f"unknown control message kind {int(hdr[1])} from rank {x.peer}")
 
+    def path_for(self, kv_cache: torch.Tensor) -> HostPath:
+        """The buffer path used for transfers of ``kv_cache`` (selected on first use)."""
+        if self._forced_path is not None:
+            return self._forced_path
+        path = self._paths.get(kv_cache.device)
+        if path is None:
+            if kv_cache.device.type == "cuda" and self.cuda_aware is None and not self.host_staging:
+                with self.lock:
+                    self.cuda_aware = mpi_cuda_aware(self.MPI)
+            path = select_path(kv_cache, self.cuda_aware, host_staging=self.host_staging, pool=self.pool)
+            self._paths[kv_cache.device] = path
+        return path
+
     # ------------------------------------------------------------- begin hooks
     def _begin(self, x: Transfer, kv_cache) -> None:
         check_meta(x.meta, kv_cache)
         meta, base = x.meta, self._base_tag(x.meta)
         ids = meta.src_block_ids if x.is_send else meta.dst_block_ids
         mover = BlockMover(kv_cache, ids, meta.layer_groups)
+        path = self.path_for(kv_cache)
         ctrl_buf = np.zeros(HDR_WORDS, dtype=np.int64)
         if x.is_send:
-            x.ctx = ctx = _SendCtx(mover=mover, ctrl_buf=ctrl_buf)
+            x.ctx = ctx = _SendCtx(mover=mover, path=path, ctrl_buf=ctrl_buf)
             ctx.ctrl_req = self._irecv(ctrl_buf, meta.dst_rank, base)
             return
-        x.ctx = ctx = _RecvCtx(mover=mover, ctrl_buf=ctrl_buf, direct=self.recv_mode == "direct")
+        direct = self.recv_mode == "direct" and path.allows_direct
+        x.ctx = ctx = _RecvCtx(mover=mover, path=path, ctrl_buf=ctrl_buf, direct=direct)
         ctx.ctrl_req = self._irecv(ctrl_buf, meta.src_rank, base)
         if self.checksum:
             tbuf = np.zeros(meta.num_groups * DIGEST_BYTES, dtype=np.uint8)
@@ -252,8 +283,8 @@ class MpiConnector(KVConnectorWorker):
     def _post_recv(self, x: Transfer, ctx: _RecvCtx) -> None:
         g = ctx.next_post
         n = x.meta.group_nbytes[g]
-        buf = self.pool.acquire(n)
-        req = self._irecv(_u8(buf, n), x.meta.src_rank, self._base_tag(x.meta) + 1 + g)
+        buf = ctx.path.acquire(n)
+        req = self._irecv(ctx.path.mpi_buffer(buf, n), x.meta.src_rank, self._base_tag(x.meta) + 1 + g)
         ctx.posted.append((g, req, buf))
         ctx.next_post += 1
 
@@ -267,9 +298,9 @@ class MpiConnector(KVConnectorWorker):
     def _pack(self, x: Transfer, ctx: _SendCtx) -> None:
         g = ctx.next_pack
         n = x.meta.group_nbytes[g]
-        buf = self.pool.acquire(n)
+        buf = ctx.path.acquire(n)
         t0 = time.perf_counter()
-        ctx.mover.pack(g, buf)
+        ctx.path.pack(ctx.mover, g, buf)
         x.pack_s += time.perf_counter() - t0
         if self.checksum:
             x.digests[g] = digest(buf[:n])
@@ -287,14 +318,14 @@ class MpiConnector(KVConnectorWorker):
             return
         while ctx.inflight and self._test(ctx.inflight[0][1]):
             g, _, buf = ctx.inflight.popleft()
-            self.pool.release(buf)
+            ctx.path.release(buf)
             x.nbytes_done += meta.group_nbytes[g]
         base = self._base_tag(meta)
         while len(ctx.inflight) < self.num_staging and (ctx.packed or ctx.next_pack < G):
             if not ctx.packed:
                 self._pack(x, ctx)
             g, buf = ctx.packed.popleft()
-            req = self._isend(_u8(buf, meta.group_nbytes[g]), meta.dst_rank, base + 1 + g)
+            req = self._isend(ctx.path.mpi_buffer(buf, meta.group_nbytes[g]), meta.dst_rank, base + 1 + g)
             ctx.inflight.append((g, req, buf))
             if ctx.next_pack < G and not ctx.packed:
                 self._pack(x, ctx)  # while group g is in flight
@@ -323,19 +354,19 @@ class MpiConnector(KVConnectorWorker):
             n = meta.group_nbytes[g]
             if ctx.direct:  # the bytes are in place; digest them as they sit in the cache
                 if want_digests:
-                    tmp = self.pool.acquire(n)
+                    tmp = ctx.path.acquire(n)
                     ctx.mover.pack(g, tmp)
                     x.digests[g] = digest(tmp[:n])
-                    self.pool.release(tmp)
+                    ctx.path.release(tmp)
             else:
                 if ctx.next_post < G:
                     self._post_recv(x, ctx)  # keep the pipe full while we unpack
                 if want_digests:
                     x.digests[g] = digest(buf[:n])
                 t0 = time.perf_counter()
-                ctx.mover.unpack(g, buf)
+                ctx.path.unpack(ctx.mover, g, buf)
                 x.pack_s += time.perf_counter() - t0
-                self.pool.release(buf)
+                ctx.path.release(buf)
             ctx.num_unpacked += 1
             x.nbytes_done += n
         if ctx.num_unpacked < G or ctx.ready_msg is not None:
@@ -355,8 +386,9 @@ class MpiConnector(KVConnectorWorker):
         self._succeed(x)
 
     # ------------------------------------------------------------------ failure
-    def _retire(self, x: Transfer, req, buf, *, is_recv: bool, into_cache: bool = False) -> None:
-        """Hand a request MPI may still own to the zombie list (its buffer kept alive).
+    def _retire(self, x: Transfer, req, buf, *, is_recv: bool, into_cache: bool = False, path=None) -> None:
+        """Hand a request MPI may still own to the zombie list (its buffer kept alive, then
+        given back to ``path``'s pool if it is a staging buffer).
         Receives are cancelled (local and reliable for an unmatched receive); sends never
         are: MPI_Cancel of an in-flight send segfaulted in MPICH 5.0 with a dead peer."""
         if req is None:
@@ -367,7 +399,7 @@ class MpiConnector(KVConnectorWorker):
                     req.Cancel()
             except Exception:  # a dead peer may make MPI calls fail
                 log.debug("cancelling a receive of %s failed", x.req_id, exc_info=True)
-        self._zombies.append((req, buf, x.req_id if into_cache else None))
+        self._zombies.append((req, buf, x.req_id if into_cache else None, path))
 
     def _cancel(self, x: Transfer, notify_peer: bool) -> None:
         ctx = x.ctx
@@ -377,14 +409,17 @@ class MpiConnector(KVConnectorWorker):
         self._retire(x, ctx.ctrl_req, ctx.ctrl_buf, is_recv=True)
         if x.is_send:
             for _, req, buf in ctx.inflight:
-                self._retire(x, req, buf, is_recv=False)
+                self._retire(x, req, buf, is_recv=False, path=ctx.path)
             for _, buf in ctx.packed:
-                self.pool.release(buf)
+                ctx.path.release(buf)
             if ctx.trailer is not None:
                 self._retire(x, *ctx.trailer, is_recv=False)
         else:
             for _, req, buf in ctx.posted:  # direct receives (buf None) point into the cache
-                self._retire(x, req, buf if buf is not None else ctx.extra_ref, is_recv=True, into_cache=buf is None)
+                if buf is None:
+                    self._retire(x, req, ctx.extra_ref, is_recv=True, into_cache=True)
+                else:
+                    self._retire(x, req, buf, is_recv=True, path=ctx.path)
             if ctx.ready_msg is not None:
                 self._retire(x, *ctx.ready_msg, is_recv=False)
             if ctx.trailer is not None:
@@ -401,19 +436,19 @@ class MpiConnector(KVConnectorWorker):
         if not self._zombies:
             return
         keep = []
-        for req, buf, owner in self._zombies:
+        for req, buf, owner, path in self._zombies:
             try:
                 done = self._test(req)
             except Exception:  # noqa: BLE001 - errored request: MPI is done with it
                 done = True
             if not done:
-                keep.append((req, buf, owner))
-            elif isinstance(buf, torch.Tensor):
-                self.pool.release(buf)
+                keep.append((req, buf, owner, path))
+            elif path is not None:
+                path.release(buf)
         self._zombies = keep
 
     def _holds_cache(self, x: Transfer) -> bool:
-        return any(owner == x.req_id for _, _, owner in self._zombies)
+        return any(owner == x.req_id for _, _, owner, _ in self._zombies)
 
     @property
     def num_zombies(self) -> int:

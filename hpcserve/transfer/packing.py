@@ -2,7 +2,9 @@
 and unpack them into other block ids (torch side of the KV handoff).
 
 The cache is ``ModelRunner.kv_cache``: ``[num_layers, 2, num_blocks, block_size, kv_heads,
-head_dim]``, C-contiguous, any dtype. The buffer of group ``g`` (layers ``[l0, l1)``) is::
+head_dim]``, C-contiguous, any dtype, on any device (buffers must be on the cache's device;
+:mod:`hpcserve.transfer.device` decides where staging buffers live). The buffer of group
+``g`` (layers ``[l0, l1)``) is::
 
     [l1 - l0, 2 (K, V), len(block_ids), block_size, kv_heads, head_dim]   (cache dtype, C order)
 
@@ -18,7 +20,7 @@ Interface::
     mover.unpack(g, buf)     # inverse, into this mover's block ids
     digest(buf[:n]) -> bytes                                 # blake2b-128 of raw bytes
     blocks_digest(kv_cache, block_ids, layer_groups) -> str  # hex, same on both ends iff same bytes
-    pool = StagingPool(); buf = pool.acquire(n); ...; pool.release(buf)
+    pool = StagingPool(device=None, pin_memory=False); buf = pool.acquire(n); ...; pool.release(buf)
 
 Copies use ``index_select(out=)`` / ``index_copy_`` over ``[rows, num_blocks, row_elems]``
 views; when the ids form few runs of consecutive blocks (fresh allocations usually do),
@@ -106,8 +108,6 @@ class BlockMover:
 
     def __init__(self, kv_cache: torch.Tensor, block_ids: list[int], layer_groups: list[tuple[int, int]]) -> None:
         geo = geometry_of(kv_cache)
-        if kv_cache.device.type != "cpu":
-            raise ValueError(f"kv_cache must be a CPU tensor, got {kv_cache.device}")
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache must be contiguous")
         num_blocks = kv_cache.shape[2]
@@ -126,7 +126,7 @@ class BlockMover:
         self._wide = wide
         # [num_layers * 2, num_blocks, width]: row r = (layer r // 2, K if r even else V)
         self._rows = kv_cache.view(torch.uint8).view(geo.num_layers * 2, num_blocks, row_bytes).view(wide)
-        self._idx = torch.tensor(self.block_ids, dtype=torch.long)
+        self._idx = torch.tensor(self.block_ids, dtype=torch.long, device=kv_cache.device)
         runs = to_runs(self.block_ids)
         self._runs = runs if len(runs) <= max(1, nb // 8) else None  # few long runs: strided copies
         self.group_nbytes = [(b - a) * 2 * nb * row_bytes for a, b in layer_groups]
@@ -165,7 +165,9 @@ class BlockMover:
 
 
 def digest(buf: torch.Tensor) -> bytes:
-    """blake2b-128 of a contiguous CPU tensor's raw bytes."""
+    """blake2b-128 of a tensor's raw bytes (a device tensor is copied to the host first)."""
+    if buf.device.type != "cpu":
+        buf = buf.cpu()
     raw = buf.contiguous().view(torch.uint8).reshape(-1).numpy()
     return hashlib.blake2b(memoryview(raw), digest_size=16).digest()
 
@@ -176,7 +178,7 @@ def blocks_digest(kv_cache: torch.Tensor, block_ids: list[int], layer_groups: li
     mover = BlockMover(kv_cache, block_ids, layer_groups)
     h = hashlib.blake2b(digest_size=16)
     for g in range(mover.num_groups):
-        buf = torch.empty(mover.group_nbytes[g], dtype=torch.uint8)
+        buf = torch.empty(mover.group_nbytes[g], dtype=torch.uint8, device=kv_cache.device)
         mover.pack(g, buf)
         h.update(digest(buf))
     return h.hexdigest()
@@ -193,11 +195,16 @@ def combine_digests(digests: list[bytes]) -> str:
 class StagingPool:
     """Reusable uint8 staging buffers. ``acquire(n)`` returns a buffer of at least ``n``
     bytes (best fit among free ones, else a new one rounded up to ``align``); ``release``
-    gives it back. At most ``max_cached_bytes`` of free buffers are kept."""
+    gives it back. At most ``max_cached_bytes`` of free buffers are kept. Buffers live on
+    ``device`` (default CPU); ``pin_memory=True``: page-locked host memory (needs CUDA)."""
 
-    def __init__(self, max_cached_bytes: int = 1 << 30, align: int = 1 << 16) -> None:
+    def __init__(
+        self, max_cached_bytes: int = 1 << 30, align: int = 1 << 16, *, device=None, pin_memory: bool = False
+    ) -> None:
         self.max_cached_bytes = max_cached_bytes
         self.align = align
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.pin_memory = pin_memory
         self._free: list[tuple[int, int, torch.Tensor]] = []  # (capacity, serial, buf), sorted
         self._serial = 0
         self.num_allocated = 0
@@ -212,7 +219,7 @@ class StagingPool:
             return self._free.pop(i)[2]
         cap = -(-max(nbytes, 1) // self.align) * self.align
         self.num_allocated += 1
-        return torch.empty(cap, dtype=torch.uint8)
+        return torch.empty(cap, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
 
     def release(self, buf: torch.Tensor) -> None:
         self._serial += 1
