@@ -234,9 +234,13 @@ def test_chat_one_shot_and_validation(daemon):
     r = daemon.run("chat", "--prompt", "long")
     assert r.exit_code == 0 and "max_tokens" in r.stderr
 
-    r = daemon.run("chat", "--prompt", "break")
+    r = daemon.run("chat", "--prompt", "break", "--retry-for", "0")
     assert r.exit_code == 2 and r.stdout == "partial\n"
     assert one_error_line(r) == "hpcserve: error: workers died: relaunching them; retry shortly"
+    r = daemon.run("chat", "--prompt", "break", "--retry-for", "3.5")  # UNAVAILABLE: 1 s, 2 s, then give up
+    assert r.exit_code == 2 and r.stdout == "partial\n" * 3
+    assert r.stderr.count("retrying in 1 s") == 1 and r.stderr.count("retrying in 2 s") == 1
+    assert "retrying in 4 s" not in r.stderr and "Traceback" not in r.stderr
     r = daemon.run("chat", "--prompt", "fail")
     assert r.exit_code == 2 and "failed inside the engine" in one_error_line(r)
     for args, want in ((["--max-tokens", "0"], "--max-tokens"), (["--temperature", "101"], "--temperature")):
@@ -245,7 +249,7 @@ def test_chat_one_shot_and_validation(daemon):
 
 
 def test_chat_repl_history_reset_and_errors(daemon):
-    r = daemon.run("chat", "--system", "sys", input="hello\n\nagain\nbreak\n/reset\nthird\n/exit\nignored\n")
+    r = daemon.run("chat", "--system", "sys", "--retry-for", "0", input="hello\n\nagain\nbreak\n/reset\nthird\n/exit\nignored\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines() == ["echo 2: hello", "echo 4: again", "partial", "echo 2: third"]
     assert "hpcserve: error: workers died" in r.stderr and "(conversation cleared)" in r.stderr

@@ -121,3 +121,32 @@ def test_sigkill_one_worker_rank_mid_batch(tiny_model_factory, tmp_path):
         code = d.stop()
         kill_tree(d.proc.pid)
     assert code == 0, d.log_tail()
+
+
+def test_cli_chat_retries_across_a_worker_relaunch(tiny_model_factory, tmp_path):
+    """`hpcserve chat` whose answer is cut by a worker-step failure (UNAVAILABLE) retries with
+    backoff and prints the whole answer once the step is back."""
+    import subprocess
+    import sys
+    import time
+
+    model = tiny_model_factory("llama", hidden_size=256, num_hidden_layers=4, intermediate_size=512)
+    d = Daemon(tmp_path / "state", model).start()
+    try:
+        cli = subprocess.Popen([sys.executable, "-m", "hpcserve", "chat", "--prompt", "tell me a long story",
+                                "--max-tokens", "450", "--state-dir", str(d.state_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(r.num_running for r in d.info().replicas):
+            time.sleep(0.05)
+        ranks = worker_rank_pids(d.proc.pid)
+        os.kill(ranks[0], signal.SIGKILL)
+        out, err = cli.communicate(timeout=300)
+        assert cli.returncode == 0, err
+        assert "retrying in" in err and "relaunching" in err  # the cut answer was asked again
+        assert d.wait_ready(min_restarts=1).num_worker_restarts >= 1
+        assert len(out.strip()) > 0
+    finally:
+        code = d.stop()
+        kill_tree(d.proc.pid)
+    assert code == 0, d.log_tail()

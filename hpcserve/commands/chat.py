@@ -7,6 +7,11 @@ failed generation prints one ``hpcserve: error: ...`` line and exits 2. REPL: re
 ("> " on stderr), keeps the conversation (``/reset`` clears it, ``/exit`` or EOF quits);
 Ctrl-C during an answer aborts it (``Abort`` RPC, call cancelled) and keeps the REPL; an
 error ends only that turn (it is dropped from the history, so it can be retried).
+
+Retries: UNAVAILABLE (the daemon is relaunching its workers, draining at the end of its
+allocation, or gone while the next allocation starts) is retried with exponential backoff
+(1, 2, 4 … 30 s) for up to ``--retry-for`` seconds, reconnecting through the endpoint file each
+time (a new allocation writes a new one); an answer cut mid-stream is asked again from the start.
 """
 
 from __future__ import annotations
@@ -37,17 +42,55 @@ class _Stopped(Exception):
     """The answer was stopped with Ctrl-C."""
 
 
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+
+
+def _retriable(exc) -> bool:
+    import grpc
+
+    from hpcserve.api.client import DaemonUnreachable
+
+    return isinstance(exc, DaemonUnreachable) or getattr(exc, "code", None) == grpc.StatusCode.UNAVAILABLE
+
+
 class _Session:
-    def __init__(self, client, system: str | None, max_tokens: int | None, temperature: float | None):
+    def __init__(self, client, system: str | None, max_tokens: int | None, temperature: float | None,
+                 reconnect=None, retry_for_s: float = 0.0):
         from hpcserve.api.v1 import serving_pb2
 
         self.pb = serving_pb2
         self.client = client
+        self.reconnect = reconnect  # () -> Client, or None: no retries
+        self.retry_for_s = retry_for_s
         self.system = [{"role": "system", "content": system}] if system else []
         self.history: list[dict] = list(self.system)
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature}
 
     def answer(self, messages: list[dict]) -> tuple[str, int]:
+        """``_answer_once`` with retries of UNAVAILABLE (see the module docstring)."""
+        import time
+
+        from hpcserve.api.client import ClientError
+
+        deadline = time.monotonic() + self.retry_for_s
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                return self._answer_once(messages)
+            except ClientError as exc:
+                if self.reconnect is None or not _retriable(exc) or time.monotonic() + delay > deadline:
+                    raise
+                click.echo(f"[{exc}; retrying in {delay:.0f} s]", err=True)
+            time.sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
+            try:
+                new = self.reconnect()
+            except ClientError:
+                continue  # still unreachable: the next round tries again
+            self.client.close()
+            self.client = new
+
+    def _answer_once(self, messages: list[dict]) -> tuple[str, int]:
         """Stream one answer to stdout; returns (text, finish_reason). Raises ``_Stopped`` (with
         the partial text as its argument) on Ctrl-C, ``ClientError`` if the stream breaks."""
         from hpcserve.api.client import ClientError, new_request_id
@@ -179,16 +222,22 @@ def _read_line() -> str:
               help="Most tokens per answer (>= 1); default: the daemon's.")
 @click.option("--temperature", type=click.FloatRange(0, 100), default=None, metavar="T",
               help="Sampling temperature in [0, 100]; 0 is greedy. Default: the daemon's.")
+@click.option("--retry-for", type=click.FloatRange(0), default=120.0, show_default=True, metavar="SECONDS",
+              help="Keep retrying an answer the daemon cannot give now (UNAVAILABLE: workers relaunching, "
+                   "allocation ending or starting) with backoff for this long; 0 disables retries.")
 @daemon_options
 def chat(prompt: str | None, system: str | None, max_tokens: int | None, temperature: float | None,
-         endpoint: str | None, state_dir: str | None) -> None:
+         retry_for: float, endpoint: str | None, state_dir: str | None) -> None:
     if prompt == "-":
         prompt = sys.stdin.read().rstrip()
     if prompt is not None and not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
-    with connect(endpoint, state_dir) as client:
-        session = _Session(client, system, max_tokens, temperature)
+    session = _Session(connect(endpoint, state_dir), system, max_tokens, temperature,
+                       reconnect=lambda: connect(endpoint, state_dir), retry_for_s=retry_for)
+    try:
         if prompt is not None:
             session.one_shot(prompt)
         else:
             session.repl()
+    finally:
+        session.client.close()
