@@ -43,3 +43,44 @@ def test_watcher_asks_slurm_at_most_once_a_minute():
     assert w.seconds_left() == 3539 and asked == ["7", "7"]
     w2 = AllocationWatcher(Allocation("8", [], None), query=lambda j: None)
     assert w2.end_time() is None and w2.seconds_left() is None
+
+
+def test_end_time_backend_is_squeue_without_pyslurm(monkeypatch):
+    import sys
+
+    from hpcserve.slurm import env
+
+    monkeypatch.setitem(sys.modules, "pyslurm", None)  # import fails, as on this machine (no matching build)
+    assert env.end_time_backend() == ("squeue", env.squeue_end_time)
+    assert AllocationWatcher(Allocation("1", [], None)).backend == "squeue"
+
+
+class _NewPyslurm:
+    """The pyslurm >= 23 surface used here (pyslurm cannot be built against this machine's Slurm,
+    so its two API shapes are exercised with stand-ins)."""
+
+    class Job:
+        @staticmethod
+        def load(job_id):
+            assert job_id == 42
+            return type("J", (), {"end_time": datetime(2026, 11, 22, 12, 0, 0)})()
+
+
+class _OldPyslurm:
+    class job:  # noqa: N801 - pyslurm's own name
+        def find_id(self, job_id):
+            assert job_id == "42"
+            return [{"end_time": 1795000000}]
+
+
+def test_pyslurm_backend_both_api_shapes_and_fallback(monkeypatch):
+    import sys
+
+    from hpcserve.slurm import env
+
+    assert env.pyslurm_end_time("42", pyslurm=_NewPyslurm) == datetime(2026, 11, 22, 12, 0, 0).timestamp()
+    assert env.pyslurm_end_time("42", pyslurm=_OldPyslurm) == 1795000000.0
+    monkeypatch.setattr(env, "squeue_end_time", lambda job_id: 123.0)
+    assert env.pyslurm_end_time("42", pyslurm=object()) == 123.0  # unknown API: the CLI answers
+    monkeypatch.setitem(sys.modules, "pyslurm", _NewPyslurm)
+    assert env.end_time_backend()[0] == "pyslurm"

@@ -2,9 +2,14 @@
 
 Interface: ``Allocation.from_env(env)`` (None outside a Slurm job) with ``job_id``, ``nodes``
 (the raw ``SLURM_JOB_NODELIST`` expanded by ``expand_nodelist``), ``num_tasks``;
-``AllocationWatcher(allocation, query=squeue_end_time)`` caches the job's end time, asking
-Slurm at most every ``REFRESH_S`` seconds (``squeue -h -j ID -o %e``), and answers
-``end_time()`` / ``seconds_left()`` (None when unknown or unlimited).
+``AllocationWatcher(allocation, query=None)`` caches the job's end time, asking Slurm at most
+every ``REFRESH_S`` seconds, and answers ``end_time()`` / ``seconds_left()`` (None when unknown
+or unlimited).
+
+Backends (``end_time_backend()``): the CLI one, ``squeue -h -j ID -o %e``, is the default and
+the tested one. ``pyslurm`` is used only when it imports, which it does only at sites whose
+pyslurm was built against their Slurm version (pyslurm refuses to build otherwise); any error
+from it falls back to squeue for that query.
 """
 
 from __future__ import annotations
@@ -62,6 +67,31 @@ def squeue_end_time(job_id: str) -> float | None:
     return parse_end_time(r.stdout.splitlines()[0]) if r.returncode == 0 and r.stdout.strip() else None
 
 
+def pyslurm_end_time(job_id: str, pyslurm=None) -> float | None:
+    """The job's end time through pyslurm (>= 23: ``pyslurm.Job.load``; older: ``pyslurm.job()``);
+    falls back to ``squeue_end_time`` on any error."""
+    try:
+        if pyslurm is None:
+            import pyslurm
+        if hasattr(pyslurm, "Job") and hasattr(pyslurm.Job, "load"):
+            end = pyslurm.Job.load(int(job_id)).end_time
+        else:
+            end = pyslurm.job().find_id(str(job_id))[0]["end_time"]
+        end = float(end.timestamp() if hasattr(end, "timestamp") else end)
+        return end if end > 0 else None
+    except Exception:  # noqa: BLE001 - version skew, job gone, daemon unreachable: use the CLI
+        return squeue_end_time(job_id)
+
+
+def end_time_backend() -> tuple[str, Callable[[str], float | None]]:
+    """("pyslurm", query) when pyslurm imports, else ("squeue", squeue_end_time)."""
+    try:
+        import pyslurm  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or a pyslurm built for another Slurm failing to load
+        return "squeue", squeue_end_time
+    return "pyslurm", pyslurm_end_time
+
+
 @dataclass(frozen=True)
 class Allocation:
     job_id: str
@@ -80,9 +110,13 @@ class Allocation:
 
 
 class AllocationWatcher:
-    def __init__(self, allocation: Allocation, query: Callable[[str], float | None] = squeue_end_time,
+    def __init__(self, allocation: Allocation, query: Callable[[str], float | None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.allocation = allocation
+        if query is None:
+            self.backend, query = end_time_backend()
+        else:
+            self.backend = getattr(query, "__name__", "custom")
         self._query = query
         self._clock = clock
         self._end: float | None = None
