@@ -44,7 +44,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from hpcserve.commands import bench, chat, jobs, models, run_batch, serve
+    from hpcserve.commands import bench, chat, jobs, models, run_batch, sbatch, serve, up
 
     main.add_command(serve.serve)
     main.add_command(serve.worker)
@@ -56,6 +56,9 @@ def _register() -> None:
     main.add_command(jobs.results)
     main.add_command(jobs.cancel)
     main.add_command(chat.chat)
+    main.add_command(sbatch.sbatch)
+    main.add_command(up.up)
+    main.add_command(up.down)
 
 
 _register()

@@ -40,6 +40,7 @@ class Endpoint:
     http: str | None = None  # host:port of the OpenAI-compatible HTTP API, if served
     draining: bool = False
     started_at: float | None = None
+    slurm_job_id: str | None = None  # the allocation serving it (hpcserve down drains that job)
     source: str = field(default="", compare=False)  # where it was found, for messages
 
 
@@ -60,7 +61,8 @@ def write_endpoint(state_dir: str | os.PathLike, address: str, token: str | None
                    http: str | None = None) -> Path:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    ep = Endpoint(_check_address(address, "daemon address"), token, os.getpid(), http, False, time.time())
+    ep = Endpoint(_check_address(address, "daemon address"), token, os.getpid(), http, False, time.time(),
+                  os.environ.get("SLURM_JOB_ID") or None)
     data = {k: v for k, v in asdict(ep).items() if k != "source"}
     fd, tmp = tempfile.mkstemp(prefix=".endpoint-", dir=state)  # created 0600
     try:
@@ -87,7 +89,8 @@ def read_endpoint(state_dir: str | os.PathLike) -> Endpoint | None:
         raise EndpointNotFound(f"{path}: unreadable endpoint file ({exc}); remove it and restart the daemon") from exc
     if not isinstance(data, dict) or not isinstance(data.get("address"), str):
         raise EndpointNotFound(f"{path}: endpoint file has no address; remove it and restart the daemon")
-    known = {k: data[k] for k in ("address", "token", "pid", "http", "draining", "started_at") if k in data}
+    known = {k: data[k] for k in ("address", "token", "pid", "http", "draining", "started_at", "slurm_job_id")
+             if k in data}
     return Endpoint(**known, source=str(path))
 
 

@@ -70,13 +70,18 @@ def _allocation_info():
 def serve(config, slurm: bool = False) -> int:
     """Run the daemon until a signal (exit 0) or an unrecoverable worker failure (exit 1).
     ``slurm``: inside an allocation, launch the workers with srun (``[slurm]`` settings)."""
-    return asyncio.run(_Daemon(config, slurm).run())
+    daemon = _Daemon(config, slurm)
+    # a drain signal during start-up (model loading) must not kill the process (USR1's default):
+    # remember it; run() drains as soon as it is serving
+    signal.signal(signal.SIGUSR1, lambda *_: daemon.early_drain.append(True))
+    return asyncio.run(daemon.run())
 
 
 class _Daemon:
     def __init__(self, config, slurm: bool = False) -> None:
         self.config = config
         self.use_slurm = slurm
+        self.early_drain: list[bool] = []  # SIGUSR1 before the event loop's handler was installed
         self.stop_requested = asyncio.Event()
         self.signals = 0
 
@@ -145,6 +150,8 @@ class _Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         loop.add_signal_handler(signal.SIGUSR1, self._on_drain_signal)
+        if self.early_drain:
+            self._on_drain_signal()
         walltime = asyncio.create_task(self._watch_walltime(servicer)) if self.use_slurm else None
         pool_task = asyncio.create_task(pool.run())
         feeder = asyncio.create_task(router.run_feeder())
