@@ -84,3 +84,15 @@ def test_pyslurm_backend_both_api_shapes_and_fallback(monkeypatch):
     assert env.pyslurm_end_time("42", pyslurm=object()) == 123.0  # unknown API: the CLI answers
     monkeypatch.setitem(sys.modules, "pyslurm", _NewPyslurm)
     assert env.end_time_backend()[0] == "pyslurm"
+
+
+def test_worker_launcher_local_slurm_and_hetjob():
+    from hpcserve.config import load_config
+    from hpcserve.daemon.workers import launcher_command
+
+    cfg = load_config(None, overrides={"slurm.mpi": "pmix", "slurm.srun-args": "--cpu-bind=cores"})
+    assert launcher_command(2, "/venv/bin/mpiexec") == ["/venv/bin/mpiexec", "-n", "2"]
+    assert launcher_command(4, "x", cfg.slurm, env={}) == [
+        "srun", "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1", "-n", "4", "--cpu-bind=cores"]
+    assert launcher_command(4, "x", cfg.slurm, env={"SLURM_HET_SIZE": "2"}) == [
+        "srun", "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1", "--het-group=0,1", "--cpu-bind=cores"]

@@ -67,6 +67,9 @@ def _slurm_ranks(ranks: int | None) -> int:
     import shutil
 
     ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
+    het = int(os.environ.get("SLURM_HET_SIZE") or 0)
+    if het > 1:  # hetjob.sbatch: SLURM_NTASKS describes component 0 only
+        ntasks = str(sum(int(os.environ.get(f"SLURM_NTASKS_HET_GROUP_{i}") or 0) for i in range(het)))
     if not os.environ.get("SLURM_JOB_ID") or not ntasks:
         raise HpcserveError("--slurm: not inside a Slurm allocation (SLURM_JOB_ID/SLURM_NTASKS unset); run it from "
                             "an sbatch script (`hpcserve sbatch render`) or drop --slurm to use the local mpiexec")

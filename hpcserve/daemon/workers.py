@@ -82,17 +82,22 @@ class Replica:
             kv=pb.KvHandoffInfo(**{f.name: getattr(ld.kv, f.name) for f in wpb.KvCounters.DESCRIPTOR.fields}))
 
 
-def launcher_command(num_ranks: int, mpiexec: str, slurm=None) -> list[str]:
+def launcher_command(num_ranks: int, mpiexec: str, slurm=None, env=None) -> list[str]:
     """How the worker step starts: the venv's ``mpiexec -n N`` locally; inside a Slurm allocation
     (``slurm``: the ``[slurm]`` config table) ``srun --mpi=PLUGIN --overlap -n N`` as a step of the
     daemon's own job (``--overlap``: it shares the job's CPUs with the batch script), with
-    ``--kill-on-bad-exit`` so that one dead rank ends the step and the daemon relaunches it."""
+    ``--kill-on-bad-exit`` so that one dead rank ends the step and the daemon relaunches it. In a
+    heterogeneous job (``SLURM_HET_SIZE`` set: hetjob.sbatch) the step spans every component
+    (``--het-group=0,...``, no ``-n``: each component runs its own task count), as one MPI world in
+    component order."""
     if slurm is None:
         return [mpiexec, "-n", str(num_ranks)]
     import shlex
 
-    return ["srun", f"--mpi={slurm.mpi}", "--overlap", "--kill-on-bad-exit=1", "-n", str(num_ranks),
-            *shlex.split(slurm.srun_args)]
+    env = os.environ if env is None else env
+    het = int(env.get("SLURM_HET_SIZE") or 0)
+    size = [f"--het-group={','.join(str(i) for i in range(het))}"] if het > 1 else ["-n", str(num_ranks)]
+    return ["srun", f"--mpi={slurm.mpi}", "--overlap", "--kill-on-bad-exit=1", *size, *shlex.split(slurm.srun_args)]
 
 
 def worker_command() -> list[str]:
