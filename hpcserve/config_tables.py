@@ -237,7 +237,7 @@ class DisaggSection(_Section):
                                            "then computes the prompt itself.")
     kv_checksum: bool = _opt(False, "Debug: the sender digests every layer group (blake2b) and the receiver "
                                     "verifies them (counted in hpcserve status). Costs a pass over the bytes.")
-    group_mib: float = _opt(4.0, "Target size of one KV handoff message (a group of consecutive layers), MiB; "
+    group_mib: float = _opt(2.0, "Target size of one KV handoff message (a group of consecutive layers), MiB; "
                                  "smaller groups overlap packing and sending more, larger ones cost fewer messages.")
 
     def _problems(self):

@@ -372,7 +372,7 @@ def _attach_handoff(world, engine) -> str:
     # the receiver can then pull the whole request without waiting for the sender's next poll
     connector = MpiConnector(world, timeout_s=float(spec.get("timeout_s", 30.0)), checksum=bool(spec.get("checksum")),
                              num_staging=SEND_GROUPS_IN_FLIGHT)
-    engine.attach_handoff(connector, world.rank, target_group_bytes=int(spec.get("group_bytes", 4 << 20)))
+    engine.attach_handoff(connector, world.rank, target_group_bytes=int(spec.get("group_bytes", 2 << 20)))
     log.info("role %s; KV handoff over MPI (timeout %.0f s, checksum %s)", roles[world.rank], connector.timeout_s,
              connector.checksum)
     return roles[world.rank]

@@ -104,7 +104,7 @@ class LLMEngine:
         self._aborted: list[Request] = []
         self.handoff = None  # KVHandoff (engine/handoff.py) on prefill/decode replicas: attach_handoff()
 
-    def attach_handoff(self, connector, rank: int, target_group_bytes: int = 4 << 20):
+    def attach_handoff(self, connector, rank: int, target_group_bytes: int = 2 << 20):
         """Make this replica a producer and/or consumer of KV handoffs over ``connector``
         (a ``hpcserve.transfer.KVConnectorWorker``); the model polls it between layers so
         transfers progress during compute."""

@@ -70,7 +70,7 @@ class _Held:
 
 class KVHandoff:
     def __init__(self, engine, connector: KVConnectorWorker, geometry: KVGeometry, rank: int,
-                 target_group_bytes: int = 4 << 20, clock=time.monotonic) -> None:
+                 target_group_bytes: int = 2 << 20, clock=time.monotonic) -> None:
         self.engine = engine
         self.kv = engine.kv
         self.scheduler = engine.scheduler

@@ -173,7 +173,7 @@ class KVConnectorScheduler:
         role: str,
         *,
         layers_per_group: int | None = None,
-        target_group_bytes: int = 4 << 20,
+        target_group_bytes: int = 2 << 20,
         min_groups: int = 4,
     ) -> None:
         if role not in ("producer", "consumer"):

@@ -52,7 +52,7 @@ def run_bench(
     reps: int = 5,
     warmup: int = 1,
     layers_per_group: int | None = None,
-    group_mib: float = 4.0,
+    group_mib: float = 2.0,
     block_order: str = "shuffled",
     checksum: bool = False,
     num_staging: int = 2,
@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layers-per-group", type=int, default=None, help="default: groups of about --group-mib")
-    p.add_argument("--group-mib", type=float, default=4.0)
+    p.add_argument("--group-mib", type=float, default=2.0)
     p.add_argument("--block-order", choices=["shuffled", "contiguous"], default="shuffled")
     p.add_argument("--checksum", action="store_true", help="in-band per-group digests (debug path)")
     p.add_argument("--staging", type=int, default=2, help="group sends in flight per transfer")
