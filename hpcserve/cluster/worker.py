@@ -294,6 +294,7 @@ class ReplicaLoop:
         return any(o.is_finished for o in out.outputs)
 
     def _report(self) -> None:
+        from hpcserve.api.v1 import serving_pb2 as pb
         from hpcserve.api.v1 import worker_pb2 as wpb
 
         sched = self.engine.scheduler
@@ -304,7 +305,7 @@ class ReplicaLoop:
             recent_step_time_s=recent, num_preemptions=sched.num_preemptions, num_steps=self.num_steps,
             num_output_tokens_interactive=self.num_output_tokens[False],
             num_output_tokens_batch=self.num_output_tokens[True], busy_time_s=self.busy_time_s,
-            kv=wpb.KvCounters(**self.engine.handoff.counters()) if self.engine.handoff is not None else None)))
+            kv=pb.KvHandoffInfo(**self.engine.handoff.counters()) if self.engine.handoff is not None else None)))
         self._last_report = time.monotonic()
 
 

@@ -79,7 +79,7 @@ class Replica:
             num_output_tokens_batch=ld.num_output_tokens_batch, busy_time_s=ld.busy_time_s,
             num_steps=ld.num_steps, num_preemptions=ld.num_preemptions,
             is_chat_only=self.is_chat_only, is_batch_only=self.is_batch_only,
-            kv=pb.KvHandoffInfo(**{f.name: getattr(ld.kv, f.name) for f in wpb.KvCounters.DESCRIPTOR.fields}))
+            kv=ld.kv)
 
 
 def launcher_command(num_ranks: int, mpiexec: str, slurm=None, env=None) -> list[str]:

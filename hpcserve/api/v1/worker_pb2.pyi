@@ -110,28 +110,8 @@ class LoadReport(_message.Message):
     num_output_tokens_interactive: int
     num_output_tokens_batch: int
     busy_time_s: float
-    kv: KvCounters
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ..., kv: _Optional[_Union[KvCounters, _Mapping]] = ...) -> None: ...
-
-class KvCounters(_message.Message):
-    __slots__ = ("num_sent", "num_received", "num_failed", "bytes_sent", "bytes_received", "num_checksum_verified", "num_active", "num_fallbacks")
-    NUM_SENT_FIELD_NUMBER: _ClassVar[int]
-    NUM_RECEIVED_FIELD_NUMBER: _ClassVar[int]
-    NUM_FAILED_FIELD_NUMBER: _ClassVar[int]
-    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
-    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
-    NUM_CHECKSUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
-    NUM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
-    NUM_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
-    num_sent: int
-    num_received: int
-    num_failed: int
-    bytes_sent: int
-    bytes_received: int
-    num_checksum_verified: int
-    num_active: int
-    num_fallbacks: int
-    def __init__(self, num_sent: _Optional[int] = ..., num_received: _Optional[int] = ..., num_failed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., num_checksum_verified: _Optional[int] = ..., num_active: _Optional[int] = ..., num_fallbacks: _Optional[int] = ...) -> None: ...
+    kv: _serving_pb2.KvHandoffInfo
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., recent_step_time_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_output_tokens_interactive: _Optional[int] = ..., num_output_tokens_batch: _Optional[int] = ..., busy_time_s: _Optional[float] = ..., kv: _Optional[_Union[_serving_pb2.KvHandoffInfo, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("replica_id", "config_json")
