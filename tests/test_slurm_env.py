@@ -67,7 +67,7 @@ class _NewPyslurm:
 
 
 class _OldPyslurm:
-    class job:  # noqa: N801 - pyslurm's own name
+    class job:  # pyslurm's own (lower-case) name
         def find_id(self, job_id):
             assert job_id == "42"
             return [{"end_time": 1795000000}]
@@ -96,3 +96,20 @@ def test_worker_launcher_local_slurm_and_hetjob():
         "srun", "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1", "-n", "4", "--cpu-bind=cores"]
     assert launcher_command(4, "x", cfg.slurm, env={"SLURM_HET_SIZE": "2"}) == [
         "srun", "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1", "--het-group=0,1", "--cpu-bind=cores"]
+
+
+def test_router_starts_no_batch_line_that_cannot_finish_before_the_drain():
+    from types import SimpleNamespace
+
+    from hpcserve.daemon.router import Router
+
+    r = Router(None, None, "m", batch_watermark=4)
+    rep = SimpleNamespace(load=SimpleNamespace(recent_step_time_s=0.1), hello=SimpleNamespace(block_size=16))
+    assert r._finishes_before_drain(rep, 160, 100)  # no allocation limit known: feed
+    left = [12.0]
+    r.seconds_to_drain = lambda: left[0]
+    assert r._finishes_before_drain(rep, 160, 100)  # 0.1 s x (100 tokens + 10 prompt blocks) = 11 s < 12 s
+    left[0] = 10.0
+    assert not r._finishes_before_drain(rep, 160, 100)
+    left[0] = -5.0  # past the drain point
+    assert not r._finishes_before_drain(rep, 1, 1)

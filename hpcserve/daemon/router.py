@@ -119,6 +119,9 @@ class Router:
     def __init__(self, frontend, store, model_name: str, batch_watermark: int, chat_kv_reserve: float = 0.1,
                  dedicated_chat_replicas: int = 0, chat_pack_limit: int = 0) -> None:
         self.chat_pack_limit = chat_pack_limit
+        # Slurm: seconds until the allocation's drain (None: no limit); lines that would not finish
+        # by then stay pending for the next allocation instead of being started and aborted
+        self.seconds_to_drain = None
         self.frontend = frontend
         self.store = store
         self.model_name = model_name
@@ -421,6 +424,9 @@ class Router:
             if replica is None:  # every replica's batch share of the KV cache is spoken for
                 await self._give_back(lines[i:])
                 return
+            if not self._finishes_before_drain(replica, len(ids), params.max_tokens):
+                await self._give_back(lines[i:])
+                return
             req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
             inf = Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
                            kv_blocks=need, home=replica)
@@ -428,6 +434,15 @@ class Router:
                 inf.replica = inf.prefill = self._pick_prefill(interactive=False)
                 inf.stage = PREFILL
             self._send(inf)
+
+    def _finishes_before_drain(self, replica, prompt_len: int, max_tokens: int) -> bool:
+        """Whether a line can finish before the allocation drains: one recent step per output token
+        plus one per block of the prompt (a pessimistic bound while steps are batched)."""
+        left = self.seconds_to_drain() if self.seconds_to_drain is not None else None
+        if left is None:
+            return True
+        step = replica.load.recent_step_time_s or 0.0
+        return left > step * (max_tokens + -(-prompt_len // max(1, replica.hello.block_size)))
 
     def _batch_replica(self, feedable: list, num_tokens: int):
         """The replica with the most batch room that can hold ``num_tokens`` more within its batch

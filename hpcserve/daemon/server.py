@@ -28,6 +28,7 @@ import os
 import secrets
 import signal
 import socket
+import time
 from dataclasses import asdict
 
 import grpc
@@ -152,7 +153,7 @@ class _Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self._on_drain_signal)
         if self.early_drain:
             self._on_drain_signal()
-        walltime = asyncio.create_task(self._watch_walltime(servicer)) if self.use_slurm else None
+        walltime = asyncio.create_task(self._watch_walltime(servicer, router)) if self.use_slurm else None
         pool_task = asyncio.create_task(pool.run())
         feeder = asyncio.create_task(router.run_feeder())
         health_task = asyncio.create_task(self._track_health(health_servicer, router))
@@ -200,19 +201,28 @@ class _Daemon:
         self.signals = max(self.signals, 1)
         self.stop_requested.set()
 
-    async def _watch_walltime(self, servicer) -> None:
+    async def _watch_walltime(self, servicer, router) -> None:
         """--slurm: drain on our own when the allocation's time left falls below [slurm] drain-s (in case
-        the USR1 from ``--signal`` never comes, e.g. a script submitted without it)."""
+        the USR1 from ``--signal`` never comes, e.g. a script submitted without it); meanwhile tell the
+        router how long until then, so it starts no batch line that could not finish."""
         drain_s = self.config.slurm.drain_s
+        drain_at: list[float] = []  # monotonic time of the drain, once the end time is known
+
+        def seconds_to_drain() -> float | None:
+            return drain_at[0] - time.monotonic() if drain_at else None
+
+        router.seconds_to_drain = seconds_to_drain
         while True:
-            await asyncio.sleep(WALLTIME_CHECK_S)
             alloc = await asyncio.to_thread(servicer.allocation) if servicer.allocation is not None else None
+            if alloc is not None and alloc.end_time:
+                drain_at[:] = [time.monotonic() + alloc.seconds_left - drain_s]
             if alloc is not None and alloc.end_time and alloc.seconds_left <= drain_s:
                 log.info("%d s left in Slurm job %s (drain window %d s): draining", alloc.seconds_left,
                          alloc.job_id, drain_s)
                 self.signals = max(self.signals, 1)
                 self.stop_requested.set()
                 return
+            await asyncio.sleep(WALLTIME_CHECK_S)
 
     def _on_signal(self) -> None:
         self.signals += 1
