@@ -113,3 +113,11 @@ def test_router_starts_no_batch_line_that_cannot_finish_before_the_drain():
     assert not r._finishes_before_drain(rep, 160, 100)
     left[0] = -5.0  # past the drain point
     assert not r._finishes_before_drain(rep, 1, 1)
+
+
+def test_allocation_gpus_from_the_slurm_environment():
+    base = {"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "g[1-2]", "SLURM_NTASKS": "8"}
+    assert Allocation.from_env(base).gpus_per_node is None
+    assert Allocation.from_env({**base, "SLURM_GPUS_ON_NODE": "4"}).gpus_per_node == 4
+    assert Allocation.from_env({**base, "SLURM_GPUS_PER_NODE": "a100:2"}).gpus_per_node == 2
+    assert Allocation.from_env({**base, "SLURM_JOB_GPUS": "0,1,2"}).gpus_per_node == 3

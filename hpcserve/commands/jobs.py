@@ -241,7 +241,8 @@ def server_info_to_dict(info) -> dict:
                      for r in info.replicas],
         "allocation": None if alloc is None else {
             "job_id": alloc.job_id, "nodes": list(alloc.nodes), "end_time": alloc.end_time or None,
-            "seconds_left": alloc.seconds_left},
+            "seconds_left": alloc.seconds_left, "num_tasks": alloc.num_tasks or None,
+            "gpus_per_node": alloc.gpus_per_node or None},
     }
 
 
@@ -265,7 +266,10 @@ def _print_server(s: dict, address: str) -> None:
     a = s["allocation"]
     if a is not None:
         ends = f", ends {_when(a['end_time'])} (in {_dur(a['seconds_left'])})" if a["end_time"] else ""
-        click.echo(f"  allocation: Slurm job {a['job_id']} on {','.join(a['nodes']) or '?'}{ends}")
+        res = ", ".join(x for x in (f"{a['num_tasks']} tasks" if a["num_tasks"] else "",
+                                    f"{a['gpus_per_node']} GPUs/node" if a["gpus_per_node"] else "") if x)
+        click.echo(f"  allocation: Slurm job {a['job_id']} on {','.join(a['nodes']) or '?'}"
+                   f"{f' ({res})' if res else ''}{ends}")
     if s["state_dir"]:
         click.echo(f"  state dir: {s['state_dir']}")
 

@@ -64,7 +64,8 @@ def _allocation_info():
         end = watcher.end_time()  # squeue at most once a minute
         left = watcher.seconds_left()
         return serving_pb2.Allocation(job_id=alloc.job_id, nodes=alloc.nodes, end_time=int(end or 0),
-                                      seconds_left=int(left or 0))
+                                      seconds_left=int(left or 0), num_tasks=alloc.num_tasks or 0,
+                                      gpus_per_node=alloc.gpus_per_node or 0)
     return info
 
 

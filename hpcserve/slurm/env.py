@@ -1,7 +1,7 @@
 """The Slurm allocation the daemon runs in, from the ``SLURM_*`` environment and ``squeue``. No torch.
 
 Interface: ``Allocation.from_env(env)`` (None outside a Slurm job) with ``job_id``, ``nodes``
-(the raw ``SLURM_JOB_NODELIST`` expanded by ``expand_nodelist``), ``num_tasks``;
+(the raw ``SLURM_JOB_NODELIST`` expanded by ``expand_nodelist``), ``num_tasks``, ``gpus_per_node``;
 ``AllocationWatcher(allocation, query=None)`` caches the job's end time, asking Slurm at most
 every ``REFRESH_S`` seconds, and answers ``end_time()`` / ``seconds_left()`` (None when unknown
 or unlimited).
@@ -92,11 +92,27 @@ def end_time_backend() -> tuple[str, Callable[[str], float | None]]:
     return "pyslurm", pyslurm_end_time
 
 
+def _int(value: str | None) -> int | None:
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def _gpus_per_node(env: Mapping[str, str]) -> int | None:
+    """GPUs of this job per node: ``SLURM_GPUS_ON_NODE``, else the count in ``SLURM_GPUS_PER_NODE``
+    (``"4"`` or ``"a100:4"``), else the ids in ``SLURM_JOB_GPUS`` (``"0,1,2,3"``)."""
+    n = _int(env.get("SLURM_GPUS_ON_NODE"))
+    if n is None and env.get("SLURM_GPUS_PER_NODE"):
+        n = _int(env["SLURM_GPUS_PER_NODE"].rsplit(":", 1)[-1])
+    if n is None and env.get("SLURM_JOB_GPUS"):
+        n = len([g for g in env["SLURM_JOB_GPUS"].split(",") if g.strip()])
+    return n
+
+
 @dataclass(frozen=True)
 class Allocation:
     job_id: str
     nodes: list[str]
     num_tasks: int | None
+    gpus_per_node: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Allocation | None:
@@ -104,9 +120,8 @@ class Allocation:
         job = env.get("SLURM_JOB_ID")
         if not job:
             return None
-        tasks = env.get("SLURM_NTASKS")
-        return cls(job, expand_nodelist(env.get("SLURM_JOB_NODELIST", "")),
-                   int(tasks) if tasks and tasks.isdigit() else None)
+        return cls(job, expand_nodelist(env.get("SLURM_JOB_NODELIST", "")), _int(env.get("SLURM_NTASKS")),
+                   _gpus_per_node(env))
 
 
 class AllocationWatcher:

@@ -436,16 +436,20 @@ class KvHandoffInfo(_message.Message):
     def __init__(self, num_sent: _Optional[int] = ..., num_received: _Optional[int] = ..., num_failed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., num_checksum_verified: _Optional[int] = ..., num_active: _Optional[int] = ..., num_fallbacks: _Optional[int] = ...) -> None: ...
 
 class Allocation(_message.Message):
-    __slots__ = ("job_id", "nodes", "end_time", "seconds_left")
+    __slots__ = ("job_id", "nodes", "end_time", "seconds_left", "num_tasks", "gpus_per_node")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    NUM_TASKS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     nodes: _containers.RepeatedScalarFieldContainer[str]
     end_time: int
     seconds_left: int
-    def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., end_time: _Optional[int] = ..., seconds_left: _Optional[int] = ...) -> None: ...
+    num_tasks: int
+    gpus_per_node: int
+    def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., end_time: _Optional[int] = ..., seconds_left: _Optional[int] = ..., num_tasks: _Optional[int] = ..., gpus_per_node: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s", "is_ready", "max_model_len", "num_worker_restarts", "state_dir")
