@@ -264,8 +264,11 @@ def test_chat_repl_history_reset_and_errors(daemon):
 
 def test_chat_ctrl_c_aborts_the_answer(daemon):
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # SIG_DFL for SIGINT in the child, so Python installs its Ctrl-C handler even when this test runs
+    # under a shell that started it in the background (which ignores SIGINT, and children inherit that)
     p = subprocess.Popen([sys.executable, "-m", "hpcserve", "chat", "--state-dir", str(daemon.state)], cwd=REPO,
-                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     try:
         p.stdin.write(b"slow\n")
         p.stdin.flush()
