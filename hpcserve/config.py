@@ -32,6 +32,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from hpcserve.config_tables import (
+    _STR_LIST,
+    TENANT_NAME_RE,
+    AuthSection,
     ConfigError,
     DaemonSection,
     DisaggSection,
@@ -39,6 +42,8 @@ from hpcserve.config_tables import (
     ModelSection,
     SloSection,
     SlurmSection,
+    TenantSection,
+    TlsSection,
     _kebab,
     _kind,
     _Section,
@@ -48,6 +53,7 @@ from hpcserve.config_tables import (
 
 __all__ = [
     "ENV_VARS",
+    "AuthSection",
     "ConfigError",
     "DaemonSection",
     "DisaggSection",
@@ -56,6 +62,8 @@ __all__ = [
     "SiteConfig",
     "SloSection",
     "SlurmSection",
+    "TenantSection",
+    "TlsSection",
     "config_keys",
     "load_config",
     "render_defaults",
@@ -66,13 +74,20 @@ ENV_VARS = {  # env var -> "table.key"
     "HPCSERVE_STATE_DIR": "daemon.state-dir",
     "HPCSERVE_LISTEN": "daemon.listen",
     "HPCSERVE_MODEL": "model.path",
+    "HPCSERVE_HTTP": "daemon.http",
 }
 
 
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSection, "engine": EngineSection, "daemon": DaemonSection, "slo": SloSection,
-    "disagg": DisaggSection, "slurm": SlurmSection,
+    "disagg": DisaggSection, "slurm": SlurmSection, "auth": AuthSection, "tls": TlsSection,
 }
+TENANTS = "tenants"  # [tenants.NAME] tables: a table of TenantSection tables, not in _SECTIONS
+
+
+def default_tenants() -> dict[str, TenantSection]:
+    """The tenants of a config without [tenants]: one admin tenant "default" without limits."""
+    return {"default": TenantSection(admin=True)}
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,12 @@ class SiteConfig:
     slo: SloSection = field(default_factory=SloSection)
     disagg: DisaggSection = field(default_factory=DisaggSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    tenants: Mapping[str, TenantSection] = field(default_factory=default_tenants)
 
     def __post_init__(self) -> None:
+        self._check_tenants()
         roles, ranks = self.disagg.role_list, self.daemon.ranks
         if roles and len(roles) != ranks:
             raise ConfigError(f"disagg.roles: {self.disagg.roles!r} names {len(roles)} replica(s) but daemon.ranks "
@@ -93,6 +112,27 @@ class SiteConfig:
         if self.disagg.is_disaggregated and self.daemon.dedicated_chat_replicas:
             raise ConfigError("daemon.dedicated-chat-replicas: cannot be combined with prefill/decode roles "
                               "(disagg.roles); set one of them", key="daemon.dedicated-chat-replicas")
+
+    def _check_tenants(self) -> None:
+        for name, policy in self.tenants.items():
+            if not isinstance(name, str) or not TENANT_NAME_RE.fullmatch(name):
+                raise ConfigError(f"tenants.{name}: {_BAD_TENANT_NAME}", key=f"tenants.{name}")
+            if not isinstance(policy, TenantSection):
+                raise ConfigError(f"tenants.{name}: expected a TenantSection, got {type(policy).__name__}",
+                                  key=f"tenants.{name}")
+        want = self.auth.endpoint_tenant
+        if want and want not in self.tenants:
+            defined = ", ".join(self.tenants) or "none"
+            raise ConfigError(f"auth.endpoint-tenant: {want!r} is not a defined tenant (defined: {defined}); add a "
+                              f'[tenants.{want}] table, or set endpoint-tenant = "" to write no key into '
+                              "endpoint.json", key="auth.endpoint-tenant")
+
+    @property
+    def keys_path(self) -> Path:
+        """The API-keys file: ``auth.keys-file`` expanded, else ``<daemon.state-dir>/keys.json``."""
+        if self.auth.keys_file.strip():
+            return Path(os.path.expandvars(self.auth.keys_file.strip())).expanduser()
+        return self.daemon.state_path / "keys.json"
 
     def replica_roles(self) -> list[str]:
         """Role of each replica in rank order ("mixed" when disagg.roles is empty)."""
@@ -110,6 +150,10 @@ class SiteConfig:
             enable_prefix_caching=e.enable_prefix_caching, num_threads=e.num_threads,
             itl_target_s=slo.chat_itl_p99_s, batch_step_slowdown=slo.batch_step_slowdown,
         )
+
+
+_BAD_TENANT_NAME = ("a tenant name is 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit "
+                    '(quote names with dots: [tenants."lab.a"])')
 
 
 # ---------------------------------------------------------------------------------------------- types
@@ -186,11 +230,50 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{where}: TOML syntax error at {msg}", source=str(path)) from None
 
 
+def _tenant_sections(src: str, body: Any) -> dict[str, TenantSection]:
+    """The file's ``[tenants.NAME]`` tables → {name: TenantSection}; errors name ``tenants.NAME.key``."""
+    valid = [_kebab(f.name) for f in fields(TenantSection)]
+    if not isinstance(body, dict):
+        raise ConfigError(f"{src}: tenants must be a table of tables ([tenants.NAME] followed by key = value "
+                          f"lines), got {_toml_type(body)}", key=TENANTS, source=src)
+    if not body:
+        raise ConfigError(f"{src}: [tenants] defines no tenant; add one [tenants.NAME] table per group, or remove "
+                          '[tenants] to get the built-in admin tenant "default"', key=TENANTS, source=src)
+    out = {}
+    for name, tbody in body.items():
+        where = f"tenants.{name}"
+        if not isinstance(tbody, dict):
+            hint = (f"put {name} = ... under a [tenants.NAME] table; " if name in valid else "")
+            raise ConfigError(f"{src}: {where} must be a table ([{where}] followed by key = value lines), got "
+                              f"{_toml_type(tbody)}; {hint}each tenant is its own [tenants.NAME] table",
+                              key=where, source=src)
+        if not TENANT_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{src}: {where}: {_BAD_TENANT_NAME}", key=where, source=src)
+        kw = {}
+        for key, value in tbody.items():
+            if key not in valid:
+                hint = " (keys are kebab-case)" if key.replace("_", "-") in valid else ""
+                raise ConfigError(f"{src}: unknown key {where}.{key}{hint}; {_suggest(key, valid)}"
+                                  f"valid keys in [tenants.NAME]: {', '.join(valid)}", key=f"{where}.{key}",
+                                  source=src)
+            kw[key.replace("-", "_")] = value
+        try:
+            out[name] = TenantSection(**kw)
+        except ConfigError as exc:
+            key = (exc.key or TenantSection.TABLE).replace(TenantSection.TABLE, where, 1)
+            msg = str(exc).replace(f"{TenantSection.TABLE}.", f"{where}.")
+            raise ConfigError(f"{src}: {msg}", key=key, source=src) from None
+    return out
+
+
 def _file_values(path: Path, doc: dict) -> dict[tuple[str, str], Any]:
+    """The file's ``(table, field) -> value`` pairs of the _SECTIONS tables ([tenants] is read apart)."""
     src = str(path)
     out: dict[tuple[str, str], Any] = {}
-    tables = list(_SECTIONS)
+    tables = [*_SECTIONS, TENANTS]
     for table, body in doc.items():
+        if table == TENANTS:
+            continue
         if table not in _SECTIONS:
             if not isinstance(body, dict):
                 owners = [t for t, cls in _SECTIONS.items() if table.replace("_", "-") in
@@ -225,11 +308,15 @@ def load_config(path: Path | str | None, overrides: Mapping[str, Any] | None = N
     sources: dict[tuple[str, str], str] = {}
 
     from_file: set[tuple[str, str]] = set()  # TOML is typed: no string conversion for these
+    tenants = default_tenants()
     if path is not None:
         path = Path(path)
-        for k, v in _file_values(path, _read_toml(path)).items():
+        doc = _read_toml(path)
+        for k, v in _file_values(path, doc).items():
             values[k], sources[k] = v, str(path)
             from_file.add(k)
+        if TENANTS in doc:
+            tenants = _tenant_sections(str(path), doc[TENANTS])
     for var, dotted in ENV_VARS.items():
         if env.get(var):
             k = _resolve_key(dotted, var)
@@ -254,13 +341,14 @@ def load_config(path: Path | str | None, overrides: Mapping[str, Any] | None = N
         except ConfigError as exc:
             table_key = exc.key or table
             t, _, key = table_key.partition(".")
-            src = sources.get((t, key.replace("-", "_")), "defaults")
+            src = sources.get((t, key.replace("-", "_"))) or next(  # a rule between keys (tls pair): the
+                (s for (tt, _), s in sources.items() if tt == t), "defaults")  # source of the key that was set
             raise ConfigError(f"{src}: {exc}", key=exc.key, source=src) from None
     try:
-        return SiteConfig(**sections)
-    except ConfigError as exc:  # a rule across tables
+        return SiteConfig(**sections, tenants=tenants)
+    except ConfigError as exc:  # a rule across tables: name the key's source, else the file
         t, _, key = (exc.key or "").partition(".")
-        src = sources.get((t, key.replace("-", "_")), "defaults")
+        src = sources.get((t, key.replace("-", "_"))) or (str(path) if path is not None else "defaults")
         raise ConfigError(f"{src}: {exc}", key=exc.key, source=src) from None
 
 
@@ -278,6 +366,13 @@ def render_defaults() -> str:
                 lines.append(f"# {key} = {_toml_value(f.metadata['example'])}    # optional, unset by default")
             else:
                 lines.append(f"{key} = {_toml_value(f.default)}")
+    lines += ["", "# Tenants: one [tenants.NAME] table per group of users, each with its own API keys",
+              "# (`hpcserve keys add --tenant NAME`) and limits. The tables listed replace the built-in set,",
+              '# which is this one admin tenant "default" without limits.']
+    for name, policy in default_tenants().items():
+        lines.append(f"[tenants.{name}]")
+        for f in fields(TenantSection):
+            lines += [f"# {f.metadata['help']}", f"{_kebab(f.name)} = {_toml_value(getattr(policy, f.name))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -285,9 +380,10 @@ def render_docs_table() -> str:
     """Markdown table of every key: table, key, type, default, meaning (for docs/config.md)."""
     env_of = {v: k for k, v in ENV_VARS.items()}
     rows = ["| table | key | type | default | meaning |", "|---|---|---|---|---|"]
-    for table, cls in _SECTIONS.items():
+    for table, cls in [*_SECTIONS.items(), ("tenants.NAME", TenantSection)]:
         for f in fields(cls):
             kind, optional = _kind(f)
+            kind = "list of str" if kind == _STR_LIST else kind
             key = _kebab(f.name)
             default = "unset" if f.default is MISSING or f.default is None else f"`{_toml_value(f.default)}`"
             meaning = f.metadata["help"].replace("|", "\\|")

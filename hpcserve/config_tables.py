@@ -147,12 +147,17 @@ class DaemonSection(_Section):
                                        "free for chat.")
     drain_timeout_s: float = _opt(30.0, "On SIGTERM/SIGINT: seconds in-flight chats get to finish (batch lines "
                                         "are checkpointed at once and resume on the next start).")
+    http: str = _opt("", "HOST:PORT of the OpenAI-compatible HTTP API (/v1); empty = no HTTP.",
+                     example="127.0.0.1:8000")
 
     def _problems(self):
         out = []
         if _parse_listen(self.listen) is None:
             out.append(("listen", (f"expected host:port like 127.0.0.1:50051 or [::1]:50051 (port 0-65535), "
                                    f"got {self.listen!r}")))
+        if self.http and _parse_listen(self.http) is None:
+            out.append(("http", (f"expected host:port like 127.0.0.1:8000 or [::1]:8000 (port 0-65535), "
+                                 f'got {self.http!r}; set http = "" to serve no HTTP API')))
         if not self.state_dir.strip():
             out.append(("state_dir", 'is empty; set state-dir to a writable directory, e.g. "~/.hpcserve"'))
         if self.mpiexec is not None and not self.mpiexec.strip():
@@ -166,8 +171,8 @@ class DaemonSection(_Section):
     def _split_problems(self):
         out = []
         if self.dedicated_chat_replicas and self.dedicated_chat_replicas >= self.ranks:
-            out.append(("dedicated_chat_replicas", f"must be below ranks ({self.ranks}) so that some replica "
-                        f"serves batch, got {self.dedicated_chat_replicas}; use 0 to share every replica"))
+            out.append(("dedicated_chat_replicas", (f"must be below ranks ({self.ranks}) so that some replica "
+                        f"serves batch, got {self.dedicated_chat_replicas}; use 0 to share every replica")))
         if not 0 <= self.chat_kv_reserve < 1:
             out.append(("chat_kv_reserve", f"must be in [0, 1), got {self.chat_kv_reserve!r}"))
         return out
@@ -175,6 +180,11 @@ class DaemonSection(_Section):
     @property
     def host_port(self) -> tuple[str, int]:
         return _parse_listen(self.listen)  # type: ignore[return-value]  # validated
+
+    @property
+    def http_host_port(self) -> tuple[str, int] | None:
+        """(host, port) of the HTTP API, None when ``http`` is empty."""
+        return _parse_listen(self.http) if self.http else None
 
     @property
     def state_path(self) -> Path:
@@ -324,13 +334,91 @@ class SlurmSection(_Section):
         return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
+@dataclass(frozen=True)
+class AuthSection(_Section):
+    TABLE = "auth"
+    keys_file: str = _opt("", "Path of the hashed API-keys file managed by `hpcserve keys` (~ and $VARS expand); "
+                              "empty = <daemon.state-dir>/keys.json.", example="/etc/hpcserve/keys.json")
+    endpoint_tenant: str = _opt("default", "Tenant whose key the daemon mints at each start and writes into "
+                                           "endpoint.json, so local clients and the demo need no set-up; \"\" = "
+                                           "write no key: every client then needs its own (`hpcserve keys add`).")
+
+
+@dataclass(frozen=True)
+class TlsSection(_Section):
+    TABLE = "tls"
+    cert_file: str | None = _opt(None, "PEM certificate chain; with key-file set, gRPC and HTTP both serve TLS.",
+                                 example="/etc/hpcserve/tls/fullchain.pem")
+    key_file: str | None = _opt(None, "PEM private key of cert-file (keep it mode 0600).",
+                                example="/etc/hpcserve/tls/privkey.pem")
+
+    def _problems(self):
+        out = []
+        for name in ("cert_file", "key_file"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                out.append((name, "is empty; remove the key to serve without TLS, or give a PEM file path"))
+        if (self.cert_file is None) != (self.key_file is None):
+            have, missing = ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            out.append((missing, (f"is not set but tls.{_kebab(have)} is; set both (a PEM certificate chain and "
+                                  "its private key) to serve TLS, or neither")))
+        return out
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
+PRIORITIES = ("interactive", "batch")  # highest first
+TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class TenantSection(_Section):
+    """One ``[tenants.NAME]`` table. ``TABLE`` is a placeholder: ``hpcserve.config`` puts the tenant's
+    name into error messages (``tenants.alice.requests-per-minute: ...``)."""
+
+    TABLE = "tenants.NAME"
+    models: tuple[str, ...] = _opt(("*",), 'Model names this tenant may use ("*" = all).',
+                                   example=["demo"])
+    max_priority: str = _opt("interactive", 'Highest class of its chat streams: "interactive" | "batch" (a tenant '
+                                            'capped at "batch" has its chats run in the batch class, never '
+                                            "refused).")
+    requests_per_minute: int = _opt(0, "Requests per minute (sliding 60-s window); 0 = unlimited.")
+    tokens_per_minute: int = _opt(0, "Tokens per minute (prompt + max_tokens of each request, sliding 60-s "
+                                     "window); 0 = unlimited.")
+    daily_token_quota: int = _opt(0, "Tokens in+out per UTC day, chat and batch together; 0 = unlimited.")
+    max_concurrent_streams: int = _opt(0, "Chat streams (requests) in flight at once; 0 = unlimited.")
+    admin: bool = _opt(False, "Admin tenants may drain the daemon, see server-wide stats and every tenant's usage.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, list):  # TOML gives a list; stored as a tuple so the section stays hashable
+            object.__setattr__(self, "models", tuple(self.models))
+        super().__post_init__()
+
+    def _problems(self):
+        out = []
+        if not self.models:
+            out.append(("models", 'is empty, so the tenant could use no model; list model names or "*" for all'))
+        elif any(not m.strip() for m in self.models):
+            out.append(("models", f'contains an empty name ({list(self.models)!r}); list model names or "*"'))
+        if self.max_priority not in PRIORITIES:
+            out.append(("max_priority", f"must be one of {', '.join(PRIORITIES)}, got {self.max_priority!r}"))
+        return (out + _at_least(self, "requests_per_minute", 0) + _at_least(self, "tokens_per_minute", 0)
+                + _at_least(self, "daily_token_quota", 0) + _at_least(self, "max_concurrent_streams", 0))
+
+    def allows_model(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
 def _kind(f) -> tuple[str, bool]:
     """("int"|"float"|"bool"|"str", optional) from the field's (string) annotation."""
     t = str(f.type).replace(" ", "")
     return t.replace("|None", ""), "|None" in t
 
 
-_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+_STR_LIST = "tuple[str,...]"
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               _STR_LIST: "a list of strings"}
 
 
 def _toml_type(v: Any) -> str:
@@ -358,11 +446,12 @@ def _type_problem(f, v: Any) -> str | None:
         "float": isinstance(v, (int, float)) and not isinstance(v, bool),
         "bool": isinstance(v, bool),
         "str": isinstance(v, str),
+        _STR_LIST: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
     }[kind]
     if ok:
         return None
     example = f.default if f.default is not None else f.metadata.get("example")
-    quotes = " (no quotes)" if kind != "str" and isinstance(v, str) else ""
+    quotes = " (no quotes)" if kind not in ("str", _STR_LIST) and isinstance(v, str) else ""
     return (f"expected {_KIND_NAMES[kind]}, got {_toml_type(v)} {v!r}; write it like "
             f"{_kebab(f.name)} = {_toml_value(example)}{quotes}")
 
@@ -372,4 +461,6 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)

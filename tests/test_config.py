@@ -249,5 +249,19 @@ def test_docs_cover_every_key():
     missing = [k for k in config_keys()
                if f"`[{k.split('.')[0]}]` | `{k.split('.', 1)[1]}`" not in docs]
     assert not missing, f"docs/config.md lacks {missing}; regenerate with hpcserve.config.render_docs_table()"
-    for var in ("HPCSERVE_STATE_DIR", "HPCSERVE_LISTEN", "HPCSERVE_MODEL"):
+    for var in ("HPCSERVE_STATE_DIR", "HPCSERVE_LISTEN", "HPCSERVE_MODEL", "HPCSERVE_HTTP"):
         assert var in docs
+    from hpcserve.config import TenantSection
+
+    missing = [f.name for f in dataclasses.fields(TenantSection)
+               if f"`[tenants.NAME]` | `{f.name.replace('_', '-')}`" not in docs]
+    assert not missing, f"docs/config.md lacks tenant keys {missing}; run scripts/gen_config_docs.py"
+
+
+def test_generated_files_are_current():
+    """laptop.toml ends with render_defaults() and docs/config.md holds render_docs_table()."""
+    from hpcserve.config import render_docs_table
+
+    assert (ROOT / "site-configs" / "laptop.toml").read_text().endswith(render_defaults())
+    docs = (ROOT / "docs" / "config.md").read_text()
+    assert render_docs_table() in docs and render_defaults() in docs, "run scripts/gen_config_docs.py"
