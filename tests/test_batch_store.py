@@ -385,3 +385,37 @@ def test_claims_are_fair_between_equal_deadlines(store):
                                                            "error": None}, False)
     c = simple_batch(store, 3)
     assert [x.batch_id for x in store.claim_lines(2)] == [c["id"], c["id"]]
+
+
+def test_tenant_scoping(store):
+    a = simple_batch(store, 3, tenant="alice")
+    b = simple_batch(store, 2, tenant="bob")
+    (c,) = store.claim_lines(1, batch_id=a["id"])
+    assert store.record_result(a["id"], c.line_no, fake_output(c), False)
+    for call in (lambda: store.get_batch(a["id"], tenant="bob"), lambda: store.cancel_batch(a["id"], tenant="bob"),
+                 lambda: store.results(a["id"], tenant="bob"), lambda: store.result_rows(a["id"], tenant="bob"),
+                 lambda: store.result_rows_after(a["id"], tenant="bob"),
+                 lambda: store.list_batches(after=a["id"], tenant="bob")):
+        with pytest.raises(BatchNotFound) as exc:
+            call()
+        assert str(exc.value) == str(BatchNotFound(a["id"]))  # same as an unknown id
+    assert store.get_batch(a["id"])["status"] == "in_progress"  # bob's cancel did nothing
+    assert store.get_batch(a["id"], tenant="alice") == store.get_batch(a["id"])
+    assert ids(store.results(a["id"], tenant="alice")) == ["r0"]
+    assert [r[0] for r in store.result_rows(a["id"], tenant="alice")] == ["r0"]
+    assert [r[1] for r in store.result_rows_after(a["id"], 0, 10, tenant="alice")] == ["r0"]
+    assert [x["id"] for x in store.list_batches(tenant="bob")] == [b["id"]]
+    assert store.cancel_batch(a["id"], tenant="alice")["status"] == "cancelled"
+
+
+def test_claim_lines_exclude_tenants(store):
+    a = simple_batch(store, 2, tenant="alice")
+    b = simple_batch(store, 2, tenant="bob")
+    c = simple_batch(store, 1, tenant="carol")
+    got = store.claim_lines(10, exclude_tenants={"alice", "carol"})
+    assert [(x.batch_id, x.tenant) for x in got] == [(b["id"], "bob")] * 2
+    assert store.claim_lines(10, batch_id=a["id"], exclude_tenants=["alice"]) == []
+    assert store.claim_lines(10, exclude_tenants=("alice", "bob", "carol")) == []
+    # excluded lines stayed pending: claimable once the tenant is no longer excluded
+    assert sorted((x.batch_id, x.line_no) for x in store.claim_lines(10, exclude_tenants=())) == sorted(
+        [(a["id"], 1), (a["id"], 2), (c["id"], 1)])

@@ -6,11 +6,17 @@ lines, in line order, from the DB; ``result_rows`` the same as ``(custom_id, jso
 is_error)``; ``result_rows_after(id, seq)`` in the order stored, to follow a running batch),
 ``cancel_batch``, ``check_expired``; for the daemon's scheduler ``claim_lines``,
 ``record_result``, ``requeue``, ``requeue_all_running``, and ``recover()`` once at start.
-Unknown ids raise ``BatchNotFound``. ONE process per state dir. Schema, ``ClaimedLine`` and
-row helpers live in ``batch_schema``. Batch dicts are OpenAI Batch objects plus ``tenant``;
-``input_file`` is the input path (absolute) or the stored copy ``batches/<id>/input.jsonl``
-of inline input, and ``usage`` sums ``response.body.usage`` of the output lines stored so
-far (``record_result`` adds it in the same transaction; error lines add nothing).
+Unknown ids raise ``BatchNotFound``; so does another tenant's batch when a call passes
+``tenant=`` (``None``: no filter, for internal callers and admins). ONE process per state dir.
+Schema, ``ClaimedLine`` and row helpers live in ``batch_schema``; the store also holds File
+objects (``files.FileStoreMixin``: ``create_file``, ``get_file``, ``list_files``,
+``file_path``, ``delete_file``; ``create_batch(..., input_file_id=)``) and per-tenant daily
+usage (``usage_store.UsageStoreMixin``: ``add_usage``, ``usage``, ``usage_totals``,
+``tokens_on``). Batch dicts are OpenAI Batch objects plus ``tenant``; ``input_file`` is the
+input path (absolute) or the stored copy ``batches/<id>/input.jsonl`` of inline input (which
+gets a file row of its own, so ``input_file_id`` is set unless the input was a bare path),
+and ``usage`` sums ``response.body.usage`` of the output lines stored so far (``record_result``
+adds it in the same transaction; error lines add nothing).
 
 Lifecycle. ``create_batch`` commits the batch as ``validating``, then in ONE transaction
 stores every non-blank line and moves it to ``in_progress``: valid lines ``pending`` (raw
@@ -24,7 +30,9 @@ may still report) ``-> cancelled`` once none is running; ``check_expired``: ``fi
 expired`` the same way. The terminal status is committed only after
 ``state_dir/batches/<id>/{output,errors}.jsonl`` are written from the DB in line order to
 ``*.tmp``, fsynced, renamed into place and the directory fsynced. ``output_file`` /
-``error_file``: those paths, None when empty. ``total`` counts non-blank input lines; a
+``error_file``: those paths, None when empty; the same transaction registers each non-empty
+one as a ``batch_output`` file of the batch's tenant (``output_file_id`` / ``error_file_id``;
+re-finalizing reuses the rows). ``total`` counts non-blank input lines; a
 cancelled/expired batch has ``completed + failed < total`` (unrun lines are in no file).
 
 Exactly once. Each input line is one row keyed (batch_id, line_no). ``record_result`` turns
@@ -37,6 +45,7 @@ results for lines not running are refused), and ``recover`` rewrites them whole 
 came before the terminal status was committed. So after any kill, reopen + ``recover()``
 gives the same files, each line exactly once across output + errors (and so each custom_id,
 except that a repeated custom_id in the input yields a ``duplicate_custom_id`` error line).
+``claim_lines(exclude_tenants=)`` leaves those tenants' lines pending (e.g. daily quota used).
 
 Concurrency: one connection behind a lock (threads may share a store); writes use ``BEGIN
 IMMEDIATE``; finalization runs inline in the call that closes a batch. Only one process may
@@ -55,11 +64,10 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hpcserve.batch.openai_format import BatchLineError, LineParser, build_error_line
 from hpcserve.daemon.batch_schema import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -72,15 +80,21 @@ from hpcserve.daemon.batch_schema import (
     migrate,
     parse_completion_window,
     row_to_dict,
+    store_lines,
 )
+from hpcserve.daemon.files import FileNotFound, FileStoreMixin
 from hpcserve.daemon.state_dir import fsync_dir, lock_state_dir, test_pause
+from hpcserve.daemon.usage_store import UsageStoreMixin, utc_day
 from hpcserve.errors import HpcserveError, RequestError
 
-_MAX_BATCH_ERRORS = 10  # line errors copied into batch.errors when the whole file fails
 DEADLINE_BUCKET_S = 300  # claim_lines: deadlines this close count as equal (fair share between them)
 
 
-class BatchStore:
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUSES", "TERMINAL", "TIMESTAMPS", "BatchNotFound", "BatchStore",
+           "ClaimedLine", "FileNotFound", "parse_completion_window", "utc_day"]
+
+
+class BatchStore(FileStoreMixin, UsageStoreMixin):
     """See the module docstring."""
 
     def __init__(self, state_dir: str | os.PathLike):
@@ -126,9 +140,10 @@ class BatchStore:
                 raise
             self._db.execute("COMMIT")
 
-    def _row(self, batch_id: str) -> sqlite3.Row:
+    def _row(self, batch_id: str, tenant: str | None = None) -> sqlite3.Row:
+        """The batch's row; unknown, or another tenant's when ``tenant`` is given: BatchNotFound."""
         row = self._db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
-        if row is None:
+        if row is None or (tenant is not None and row["tenant"] != tenant):
             raise BatchNotFound(batch_id)
         return row
 
@@ -136,15 +151,24 @@ class BatchStore:
 
     def create_batch(self, jsonl: bytes | str | os.PathLike, completion_window: str = "24h",
                      metadata: dict | None = None, tenant: str = "default",
-                     endpoint: str | None = None) -> dict:
-        """Validate and store a batch input file (bytes, or a path); return the batch object."""
+                     endpoint: str | None = None, input_file_id: str | None = None) -> dict:
+        """Validate and store a batch input file (bytes, or a path: with ``input_file_id``, the
+        ``file_path`` of that file of the tenant's); return the batch object."""
         window_s = parse_completion_window(completion_window)
         if metadata is not None and not isinstance(metadata, dict):
             raise RequestError("metadata: must be an object of string keys and values", field="metadata")
+        if input_file_id is not None:
+            with self._lock:
+                purpose = self._file_row(input_file_id, tenant)["purpose"]
+            if purpose != "batch":
+                raise RequestError(f"input_file_id: file {input_file_id!r} has purpose {purpose!r}; upload the "
+                                   "batch input with purpose \"batch\"", field="input_file_id")
         batch_id = "batch_" + os.urandom(16).hex()
         out_dir = self.state_dir / "batches" / batch_id
+        new_file = None  # (filename, bytes) of a file row to register for inline input
         if isinstance(jsonl, (bytes, bytearray)):
             f, input_file = io.BytesIO(bytes(jsonl)), out_dir / "input.jsonl"
+            new_file = ("input.jsonl", len(jsonl)) if input_file_id is None else None
         else:
             try:
                 f = open(jsonl, "rb")  # noqa: SIM115 - closed below
@@ -155,28 +179,35 @@ class BatchStore:
         with self._lock, f:
             with self._tx() as db:
                 db.execute("INSERT INTO batches (id, tenant, endpoint, status, completion_window, "
-                           "metadata, input_file, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                           "metadata, input_file, input_file_id, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                            (batch_id, tenant, endpoint, "validating", completion_window,
                             json.dumps(metadata) if metadata is not None else None, str(input_file),
-                            now, now + window_s))
+                            input_file_id, now, now + window_s))
             try:
                 if isinstance(f, io.BytesIO):  # keep a copy of inline input (informational)
                     out_dir.mkdir(parents=True, exist_ok=True)
                     input_file.with_name("input.jsonl.tmp").write_bytes(f.getbuffer())
                     os.replace(input_file.with_name("input.jsonl.tmp"), input_file)
-                self._validate(batch_id, f, endpoint, now)
+                self._validate(batch_id, f, endpoint, now,
+                               new_file and (tenant, *new_file, input_file.absolute()))
             except BaseException:  # e.g. a read error: the caller gets no batch, drop it
                 with self._tx() as db:
                     db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
                     db.execute("DELETE FROM lines WHERE batch_id=?", (batch_id,))
+                    db.execute("DELETE FROM files WHERE batch_id=?", (batch_id,))
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise
             self._maybe_close(batch_id)
             return self.get_batch(batch_id)
 
-    def _validate(self, batch_id: str, f: io.BufferedIOBase, endpoint: str | None, now: int) -> None:
+    def _validate(self, batch_id: str, f: io.BufferedIOBase, endpoint: str | None, now: int,
+                  new_file: tuple[str, str, int, Path] | None) -> None:
         with self._tx() as db:
-            total, bad, endpoint, first_errors = self._store_lines(db, batch_id, f, endpoint)
+            if new_file is not None:  # (tenant, filename, bytes, path) of the stored inline input
+                tenant, name, nbytes, path = new_file
+                file_id = self._register_file(db, tenant, "batch", name, nbytes, path, batch_id=batch_id)
+                db.execute("UPDATE batches SET input_file_id=? WHERE id=?", (file_id, batch_id))
+            total, bad, endpoint, first_errors = store_lines(db, batch_id, f, endpoint)
             if total == 0:
                 errors = [{"code": "empty_file", "message": "the input file has no requests "
                            "(no non-blank lines)", "param": None, "line": None}]
@@ -191,54 +222,9 @@ class BatchStore:
                         bad, json.dumps({"object": "list", "data": errors}) if errors else None,
                         now, batch_id))
 
-    def _store_lines(self, db: sqlite3.Connection, batch_id: str, f: io.BufferedIOBase,
-                     endpoint: str | None) -> tuple[int, int, str | None, list[dict]]:
-        parser = LineParser()
-        total = bad = 0
-        first_errors: list[dict] = []
-        rows: list[tuple] = []
-
-        def flush() -> None:
-            db.executemany("INSERT INTO lines (batch_id, line_no, custom_id, raw, state, is_error, "
-                           "result, done_seq) VALUES (?,?,?,?,?,?,?,?)", rows)
-            rows.clear()
-
-        for line_no, raw in enumerate(f, 1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-            if text is not None and not text.strip():
-                continue
-            total += 1
-            try:
-                if text is None:
-                    raise BatchLineError(line_no, None, "invalid_json", "line is not valid UTF-8")
-                item = parser.parse(text, line_no)
-                endpoint = endpoint or item.url
-                if item.url != endpoint:
-                    raise BatchLineError(line_no, item.custom_id, "invalid_url",
-                                         f"url: this batch's endpoint is {endpoint}; got {item.url!r}")
-                rows.append((batch_id, line_no, item.custom_id, text.rstrip("\r\n"), "pending",
-                             None, None, None))
-            except BatchLineError as exc:
-                bad += 1
-                if len(first_errors) < _MAX_BATCH_ERRORS:
-                    first_errors.append({"code": exc.code, "message": exc.message, "param": None,
-                                         "line": line_no})
-                line = build_error_line(exc.custom_id, line_no, exc.code, exc.message)
-                rows.append((batch_id, line_no, exc.custom_id, None, "done", 1,
-                             json.dumps(line, ensure_ascii=False), bad))
-            if len(rows) >= 1000:
-                flush()
-        flush()
-        return total, bad, endpoint, first_errors
-
-    def get_batch(self, batch_id: str) -> dict:
+    def get_batch(self, batch_id: str, tenant: str | None = None) -> dict:
         with self._lock:
-            return row_to_dict(self._row(batch_id))
+            return row_to_dict(self._row(batch_id, tenant))
 
     def list_batches(self, limit: int = 20, after: str | None = None,
                      tenant: str | None = None) -> list[dict]:
@@ -247,36 +233,36 @@ class BatchStore:
         with self._lock:
             if after is not None:
                 sql += " AND seq < ?"
-                args.append(self._row(after)["seq"])
+                args.append(self._row(after, tenant)["seq"])
             if tenant is not None:
                 sql += " AND tenant = ?"
                 args.append(tenant)
             rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, int(limit))).fetchall()
             return [row_to_dict(r) for r in rows]
 
-    def results(self, batch_id: str) -> Iterator[dict]:
+    def results(self, batch_id: str, tenant: str | None = None) -> Iterator[dict]:
         """Output lines then error lines stored so far, each in line order (from the DB)."""
         with self._lock:
-            self._row(batch_id)
+            self._row(batch_id, tenant)
         return self._iter_results(batch_id)
 
     def _iter_results(self, batch_id: str, page: int = 500) -> Iterator[dict]:
         for is_error in (0, 1):
             yield from (json.loads(s) for s in self._iter_result_text(batch_id, is_error, page))
 
-    def result_rows(self, batch_id: str) -> Iterator[tuple[str | None, str, bool]]:
+    def result_rows(self, batch_id: str, tenant: str | None = None) -> Iterator[tuple[str | None, str, bool]]:
         """Like ``results`` (the files' order), as ``(custom_id, json_text, is_error)``."""
         with self._lock:
-            self._row(batch_id)
+            self._row(batch_id, tenant)
         return ((r["custom_id"], r["result"], bool(e)) for e in (0, 1)
                 for r in self._iter_result_text(batch_id, e, rows=True))
 
-    def result_rows_after(self, batch_id: str, after_seq: int = 0,
-                          limit: int = 500) -> list[tuple[int, str | None, str, bool]]:
+    def result_rows_after(self, batch_id: str, after_seq: int = 0, limit: int = 500,
+                          tenant: str | None = None) -> list[tuple[int, str | None, str, bool]]:
         """Results in the order they were stored, ``(seq, custom_id, json_text, is_error)``
         with ``seq > after_seq``: pass the last seq seen to follow a running batch."""
         with self._lock:
-            self._row(batch_id)
+            self._row(batch_id, tenant)
             rows = self._db.execute(
                 "SELECT done_seq, custom_id, result, is_error FROM lines WHERE batch_id=? AND done_seq>? "
                 "AND state='done' ORDER BY done_seq LIMIT ?", (batch_id, int(after_seq), int(limit))).fetchall()
@@ -297,8 +283,10 @@ class BatchStore:
 
     # ------------------------------------------------------------------ scheduling
 
-    def claim_lines(self, limit: int, batch_id: str | None = None) -> list[ClaimedLine]:
+    def claim_lines(self, limit: int, batch_id: str | None = None,
+                    exclude_tenants: Collection[str] = ()) -> list[ClaimedLine]:
         """Mark up to ``limit`` pending lines of in-progress batches running and return them.
+        Batches of ``exclude_tenants`` are skipped (their lines stay pending).
 
         Order: earliest deadline first (``expires_at``, in buckets of ``DEADLINE_BUCKET_S`` so
         batches submitted minutes apart with the same window count as equal); within a bucket,
@@ -306,14 +294,16 @@ class BatchStore:
         far (ties: the older batch), so equal-deadline jobs advance together; within a batch,
         line order."""
         out: list[ClaimedLine] = []
+        excluded = sorted(set(exclude_tenants))
+        skip = f" AND tenant NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
         with self._tx() as db:
             if batch_id is not None:
                 self._row(batch_id)
                 batches = db.execute("SELECT id, tenant, expires_at, completed + failed AS served FROM batches "
-                                     "WHERE id=? AND status='in_progress'", (batch_id,)).fetchall()
+                                     f"WHERE id=? AND status='in_progress'{skip}", (batch_id, *excluded)).fetchall()
             else:
                 batches = db.execute("SELECT id, tenant, expires_at, completed + failed AS served FROM batches "
-                                     "WHERE status='in_progress' ORDER BY expires_at, seq").fetchall()
+                                     f"WHERE status='in_progress'{skip} ORDER BY expires_at, seq", excluded).fetchall()
             running = dict(db.execute("SELECT batch_id, COUNT(*) FROM lines WHERE state='running' "
                                       "GROUP BY batch_id").fetchall())
             groups: dict[int, list] = {}
@@ -390,11 +380,11 @@ class BatchStore:
             self._maybe_close(batch_id)
         return n
 
-    def cancel_batch(self, batch_id: str) -> dict:
+    def cancel_batch(self, batch_id: str, tenant: str | None = None) -> dict:
         """Stop claiming the batch's lines; it becomes ``cancelled`` (files written with the
         results so far) once none is running. No-op for a finalizing or finished batch."""
         with self._tx() as db:
-            if self._row(batch_id)["status"] == "in_progress":
+            if self._row(batch_id, tenant)["status"] == "in_progress":
                 db.execute("UPDATE batches SET status='cancelling', target='cancelled', "
                            "cancelling_at=? WHERE id=?", (int(time.time()), batch_id))
         self._maybe_close(batch_id)
@@ -415,7 +405,8 @@ class BatchStore:
 
     def recover(self) -> None:
         """After a restart: fail batches whose validation was interrupted, requeue running
-        lines, and finish every batch that can be finished (rewriting files if needed)."""
+        lines, finish every batch that can be finished (rewriting files if needed), and remove
+        uploads a crash left without a row."""
         now = int(time.time())
         with self._tx() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM batches WHERE status='validating'")]
@@ -433,6 +424,7 @@ class BatchStore:
                 "ORDER BY seq")]
         for batch_id in ids:
             self._maybe_close(batch_id)
+        self._sweep_files()
 
     # ------------------------------------------------------------------ finalization
 
@@ -475,8 +467,12 @@ class BatchStore:
         fsync_dir(out_dir)
         test_pause("renamed")
         with self._tx() as db:
-            target = self._row(batch_id)["target"] or "completed"
-            db.execute(f"UPDATE batches SET status=?, {target}_at=COALESCE({target}_at, ?), "
-                       "output_file=?, error_file=? WHERE id=? AND status=?",
-                       (target, int(time.time()), str(paths[0]) if counts[0] else None,
-                        str(paths[1]) if counts[1] else None, batch_id, status))
+            row = self._row(batch_id)
+            if row["status"] != status:
+                return
+            target = row["target"] or "completed"
+            out, err = (paths[0] if counts[0] else None), (paths[1] if counts[1] else None)
+            out_id, err_id = self._register_batch_outputs(db, row, out, err)
+            db.execute(f"UPDATE batches SET status=?, {target}_at=COALESCE({target}_at, ?), output_file=?, "
+                       "error_file=?, output_file_id=?, error_file_id=? WHERE id=?",
+                       (target, int(time.time()), out and str(out), err and str(err), out_id, err_id, batch_id))
