@@ -7,6 +7,8 @@ The daemon launches the step as one MPI world (``mpiexec -n N hpcserve worker``,
 - ``HPCSERVE_WORKER_DAEMON``: host:port of the daemon's WorkerLink service;
 - ``HPCSERVE_WORKER_SECRET``: per-launch secret; a stale rank of an older launch is refused;
 - ``HPCSERVE_WORKER_CONFIG``: JSON of ``engine.core.EngineConfig`` fields;
+- ``HPCSERVE_WORKER_TLS_CA`` (only when the daemon serves TLS): PEM text of the certificate the
+  leaders trust when they dial the daemon (``daemon/tls.py``); unset: a plaintext link;
 - ``HPCSERVE_WORKER_DISAGG`` (only with prefill/decode roles): JSON ``{"roles": [role per rank],
   "timeout_s", "checksum", "group_bytes"}``. Every rank then builds an ``MpiConnector``
   (collective) and attaches a KV handoff to its engine (``engine/handoff.py``).
@@ -33,7 +35,8 @@ Replica event loop (``ReplicaLoop.run``), one per leader, as a table of contents
     handoff handoff.poll(): finished transfers, receives that got blocks; its events (ready,
             recv_meta, result) go to the daemon at once, before the step
     run     engine.step() when there is work
-    send    StepOutputs with every request that produced tokens or finished
+    send    StepOutputs with every request that produced tokens or finished, the step's wall time
+            and each scheduled request's token share (sent even when no request produced output)
     report  LoadReport every REPORT_INTERVAL_S, and right after a step that finished requests
 """
 
@@ -74,13 +77,18 @@ class LeaderLink:
         import grpc
 
         from hpcserve.api.v1 import worker_pb2_grpc
+        from hpcserve.daemon.tls import WORKER_CA_ENV, grpc_channel_credentials
 
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                               ("grpc.max_send_message_length", 64 << 20)])
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        ca_pem = os.environ.get(WORKER_CA_ENV)
+        self.channel = (grpc.secure_channel(address, grpc_channel_credentials(ca_pem), options=options) if ca_pem
+                        else grpc.insecure_channel(address, options=options))
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise LinkLost(f"cannot reach the daemon at {address} within {timeout:.0f} s") from None
+            tls = (f" over TLS (does the daemon's certificate name {address.rpartition(':')[0]} in a "
+                   "SubjectAltName?)") if ca_pem else ""
+            raise LinkLost(f"cannot reach the daemon at {address} within {timeout:.0f} s{tls}") from None
         self._out: queue.Queue = queue.Queue()
         self.inbox: queue.Queue = queue.Queue()
         self._call = worker_pb2_grpc.WorkerLinkStub(self.channel).Connect(self._requests())
@@ -181,6 +189,9 @@ class ReplicaLoop:
                     is_batch = self._is_batch.pop(o.req_id, False) if o.finished else self._is_batch.get(o.req_id)
                     self.num_output_tokens[bool(is_batch)] += len(o.new_token_ids)
                 dt = time.perf_counter() - t0
+                out.step_time_s = dt  # usage accounting: the step's time, split by these token shares
+                out.shares.extend(wpb.StepShare(request_id=rid, num_tokens=n)
+                                  for rid, n in self.engine.last_step_shares)
                 self.step_times.append(dt)
                 self.busy_time_s += dt
                 self.num_steps += 1
@@ -288,7 +299,7 @@ class ReplicaLoop:
     def _send_outputs(self, out) -> bool:
         from hpcserve.api.v1 import worker_pb2 as wpb
 
-        if not out.outputs:
+        if not out.outputs and not out.shares:  # a step with shares but no output still reports its time
             return False
         self.link.send(wpb.WorkerMessage(step_outputs=out))
         return any(o.is_finished for o in out.outputs)

@@ -2,10 +2,21 @@
 batch feeding. No torch; runs on the daemon's event loop.
 
 Interfaces
-- Servicer: ``await wait_ready(timeout)``, ``submit(req_id, ids, params, request_class) ->
-  Inflight`` (then ``async for item in inflight.events()``), ``abort(req_id)``.
+- Servicer: ``await wait_ready(timeout)``, ``submit(req_id, ids, params, request_class,
+  tenant="default") -> Inflight`` (then ``async for item in inflight.events()``), ``abort(req_id)``.
 - ``WorkerPool`` callbacks: ``on_ready()``, ``on_outputs(replica, StepOutputs)``, ``on_lost(reason)``.
-- Batch feeding: ``run_feeder()`` (a task), ``wake()`` after a submit or cancel.
+- Batch feeding (``feeder.BatchFeeder``, a mixin): ``run_feeder()`` (a task), ``wake()`` after a
+  submit or cancel; ``exclude_tenants`` (None or a callable returning tenants whose lines must
+  not be claimed now, e.g. over quota).
+- Usage: ``meter`` (``usage.UsageMeter``, given or a fresh one). Each ``StepOutputs`` with a
+  ``step_time_s`` is metered (its time x the replica's ranks, split by token share between the
+  tenants of the scheduled requests). Each request is counted once in ``meter.on_finished`` (its
+  tenant, prompt length, tokens it produced): a chat when its stream ends (on the replica that
+  streams it: the decode replica of a disaggregated one), whatever the reason but an admission
+  error (FINISH_REASON_ERROR, nothing computed), so an aborted or dropped chat counts what its
+  client got; a batch line when its output line is recorded in the store (``record_result``
+  True: stop or length); error lines are not counted, and an aborted or dropped line is requeued
+  and counted when it finishes on a later run.
 - Shutdown: ``stop_feeding()``, ``await drain(timeout)``, ``abort_all(reason)``.
 
 Lifecycle of an in-flight request::
@@ -50,6 +61,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import grpc
@@ -57,16 +69,14 @@ import grpc
 from hpcserve.api.convert import logprobs_from_proto, sampling_to_proto
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import worker_pb2 as wpb
-from hpcserve.batch.openai_format import BatchLineError, build_error_line, build_output_line
-from hpcserve.batch.runner import prepare_item
+from hpcserve.batch.openai_format import build_error_line, build_output_line
+from hpcserve.daemon.feeder import BatchFeeder
+from hpcserve.daemon.usage import UsageMeter
 from hpcserve.engine.outputs import RequestOutput
 from hpcserve.engine.request import SamplingParams
 from hpcserve.errors import RequestError
 
 log = logging.getLogger("hpcserve.daemon")
-
-FEED_POLL_S = 0.5
-EXPIRY_CHECK_S = 30.0
 
 
 @dataclass
@@ -101,6 +111,7 @@ class Inflight:
     kv_handoff_bytes: int = 0
     kv_result: bool | None = None  # decode side's transfer outcome, once known
     kv_blocks_promised: int = 0  # blocks announced to the decode replica's headroom until it posts the receive
+    tenant: str = "default"  # whose usage it is (batch: the batch's tenant)
 
     @property
     def disaggregated(self) -> bool:
@@ -115,9 +126,12 @@ class Inflight:
                 return
 
 
-class Router:
+class Router(BatchFeeder):
     def __init__(self, frontend, store, model_name: str, batch_watermark: int, chat_kv_reserve: float = 0.1,
-                 dedicated_chat_replicas: int = 0, chat_pack_limit: int = 0) -> None:
+                 dedicated_chat_replicas: int = 0, chat_pack_limit: int = 0, meter: UsageMeter | None = None) -> None:
+        self.meter = meter if meter is not None else UsageMeter()
+        # tenants whose batch lines the feeder must not claim now (None: no restriction)
+        self.exclude_tenants: Callable[[], Collection[str]] | None = None
         self.chat_pack_limit = chat_pack_limit
         # Slurm: seconds until the allocation's drain (None: no limit); lines that would not finish
         # by then stay pending for the next allocation instead of being started and aborted
@@ -177,6 +191,7 @@ class Router:
         for inf in list(self.inflight.values()):
             self._drop(inf)
             if inf.queue is not None:
+                self._meter_chat_end(inf, pb.FINISH_REASON_ABORT)
                 inf.queue.put_nowait(StreamError(grpc.StatusCode.UNAVAILABLE, msg))
             else:
                 self._spawn_write(self._requeue(inf))
@@ -200,7 +215,8 @@ class Router:
         return min(reps, key=lambda r: (chats(r), round(r.load.recent_step_time_s, 3), -r.load.num_free_kv_blocks,
                                         r.replica_id))
 
-    def submit(self, req_id: str | None, ids: list[int], params: SamplingParams, request_class: int) -> Inflight:
+    def submit(self, req_id: str | None, ids: list[int], params: SamplingParams, request_class: int,
+               tenant: str = "default") -> Inflight:
         if not self.is_ready:
             raise RequestError("the worker ranks are not ready (starting or relaunching); retry shortly",
                                code="unavailable")
@@ -210,11 +226,23 @@ class Router:
                                field="request_id", code="already_exists")
         if self.disaggregated and len(ids) >= 2:
             p = self._pick_prefill(interactive=request_class != pb.REQUEST_CLASS_BATCH)
-            inf = Inflight(req_id, p, ids, params, request_class, queue=asyncio.Queue(), prefill=p, stage=PREFILL)
+            inf = Inflight(req_id, p, ids, params, request_class, queue=asyncio.Queue(), prefill=p, stage=PREFILL,
+                           tenant=tenant)
         else:
-            inf = Inflight(req_id, self.pick_replica(), ids, params, request_class, queue=asyncio.Queue())
+            inf = Inflight(req_id, self.pick_replica(), ids, params, request_class, queue=asyncio.Queue(),
+                           tenant=tenant)
         self._send(inf)
         return inf
+
+    def _start_line(self, line, item, ids: list[int], params: SamplingParams, replica, kv_blocks: int) -> None:
+        """Run a claimed batch line with its home on ``replica`` (the feeder chose it)."""
+        req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
+        inf = Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
+                       kv_blocks=kv_blocks, home=replica, tenant=line.tenant)
+        if self.disaggregated and len(ids) >= 2 and replica.hello.role == pb.REPLICA_ROLE_DECODE:
+            inf.replica = inf.prefill = self._pick_prefill(interactive=False)
+            inf.stage = PREFILL
+        self._send(inf)
 
     # ------------------------------------------------------------------ disaggregated
     @property
@@ -272,6 +300,7 @@ class Router:
 
     def _end_aborted(self, inf: Inflight) -> None:
         if inf.queue is not None:
+            self._meter_chat_end(inf, pb.FINISH_REASON_ABORT)
             inf.queue.put_nowait(wpb.RequestStepOutput(request_id=inf.req_id, is_finished=True,
                                                        finish_reason=pb.FINISH_REASON_ABORT))
         else:
@@ -318,6 +347,9 @@ class Router:
 
     # ------------------------------------------------------------------ outputs
     def on_outputs(self, replica, outs: wpb.StepOutputs) -> None:
+        if outs.step_time_s:  # before the outputs: requests finishing in this step are still in flight
+            self.meter.on_step(((s.request_id, s.num_tokens) for s in outs.shares), self._tenant_of,
+                               outs.step_time_s, num_ranks=getattr(getattr(replica, "hello", None), "num_ranks", 0))
         for o in outs.outputs:
             inf = self.inflight.get(o.request_id)
             if inf is not None and o.HasField("kv_event"):
@@ -334,10 +366,21 @@ class Router:
             if o.is_finished:
                 self._drop(inf)
             if inf.queue is not None:
+                if o.is_finished:
+                    self._meter_chat_end(inf, o.finish_reason)
                 inf.queue.put_nowait(o)
             elif o.is_finished:
                 self._spawn_write(self._finish_line(inf, o))
                 self.wake()
+
+    def _tenant_of(self, req_id: str) -> str | None:
+        inf = self.inflight.get(req_id)
+        return inf.tenant if inf is not None else None
+
+    def _meter_chat_end(self, inf: Inflight, finish_reason: int) -> None:
+        """Count a chat whose stream ends now (called once per chat; see the module docstring)."""
+        if finish_reason != pb.FINISH_REASON_ERROR:
+            self.meter.on_finished(inf.tenant, len(inf.prompt_ids), len(inf.token_ids))
 
     async def _finish_line(self, inf: Inflight, o) -> None:
         line = inf.line
@@ -355,7 +398,9 @@ class Router:
                                 logprobs=inf.logprobs if inf.params.logprobs is not None else None)
             result = build_output_line(inf.item, out, self.model_name, int(time.time()), self.frontend.decode_token)
             is_error = False
-        await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, result, is_error)
+        recorded = await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, result, is_error)
+        if recorded and not is_error:  # the line's first (and only) result: count it once
+            self.meter.on_finished(inf.tenant, len(inf.prompt_ids), len(inf.token_ids))
 
     async def _requeue(self, inf: Inflight) -> None:
         await asyncio.to_thread(self.store.requeue, inf.line.batch_id, inf.line.line_no)
@@ -369,107 +414,6 @@ class Router:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("batch store write failed: %r", task.exception())
-
-    # ------------------------------------------------------------------ batch feeding
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop_feeding(self) -> None:
-        self._feeding = False
-
-    async def run_feeder(self) -> None:
-        while self._feeding:
-            try:
-                await self._feed_once()
-            except Exception:
-                log.exception("batch feeder step failed; retrying")
-            try:
-                await asyncio.wait_for(self._wake.wait(), FEED_POLL_S)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-
-    async def _feed_once(self) -> None:
-        now = time.monotonic()
-        if now - self._last_expiry_check >= EXPIRY_CHECK_S:
-            self._last_expiry_check = now
-            await asyncio.to_thread(self.store.check_expired)
-        await self._abort_cancelled()
-        if not self.is_ready or not self._feeding:
-            return
-        # a line is booked on a decode or mixed replica (its "home"); on a decode replica it is
-        # prefilled by a prefill replica first, on a mixed one it runs colocated
-        feedable = [r for r in self.pool.replicas.values()
-                    if not r.is_chat_only and r.hello.role != pb.REPLICA_ROLE_PREFILL]
-        room = sum(max(0, self.batch_watermark - r.num_inflight_batch) for r in feedable)
-        if room <= 0:
-            return
-        lines = await asyncio.to_thread(self.store.claim_lines, room)
-        for i, line in enumerate(lines):
-            if not self.is_ready:  # lost while we were claiming: give the line back
-                await self._give_back(lines[i:])
-                return
-            try:
-                item = line.parse()
-                ids, params = prepare_item(self.frontend, item)
-                try:
-                    self.frontend.check_length(len(ids), params)
-                except RequestError as exc:
-                    raise BatchLineError(line.line_no, item.custom_id, exc.code, str(exc)) from None
-            except BatchLineError as exc:
-                err = build_error_line(exc.custom_id, exc.line_no, exc.code, exc.message)
-                await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, err, True)
-                continue
-            replica, need = self._batch_replica(feedable, len(ids) + params.max_tokens)
-            if replica is None:  # every replica's batch share of the KV cache is spoken for
-                await self._give_back(lines[i:])
-                return
-            if not self._finishes_before_drain(replica, len(ids), params.max_tokens):
-                await self._give_back(lines[i:])
-                return
-            req_id = f"batch-{line.batch_id}-{line.line_no}-{uuid.uuid4().hex[:8]}"
-            inf = Inflight(req_id, replica, ids, params, pb.REQUEST_CLASS_BATCH, line=line, item=item,
-                           kv_blocks=need, home=replica)
-            if self.disaggregated and len(ids) >= 2 and replica.hello.role == pb.REPLICA_ROLE_DECODE:
-                inf.replica = inf.prefill = self._pick_prefill(interactive=False)
-                inf.stage = PREFILL
-            self._send(inf)
-
-    def _finishes_before_drain(self, replica, prompt_len: int, max_tokens: int) -> bool:
-        """Whether a line can finish before the allocation drains: one recent step per output token
-        plus one per block of the prompt (a pessimistic bound while steps are batched)."""
-        left = self.seconds_to_drain() if self.seconds_to_drain is not None else None
-        if left is None:
-            return True
-        step = replica.load.recent_step_time_s or 0.0
-        return left > step * (max_tokens + -(-prompt_len // max(1, replica.hello.block_size)))
-
-    def _batch_replica(self, feedable: list, num_tokens: int):
-        """The replica with the most batch room that can hold ``num_tokens`` more within its batch
-        share of the KV cache (1 - chat_kv_reserve); (None, 0) if none can."""
-        best, best_need = None, 0
-        for r in sorted(feedable, key=lambda r: (r.num_inflight_batch, r.replica_id)):
-            if r.num_inflight_batch >= self.batch_watermark:
-                continue
-            need = -(-num_tokens // max(1, r.hello.block_size))
-            share = int(r.hello.num_kv_blocks * (1.0 - self.chat_kv_reserve))
-            if r.batch_kv_reserved + need <= share or r.num_inflight_batch == 0:
-                best, best_need = r, need
-                break
-        return best, best_need
-
-    async def _give_back(self, lines: list) -> None:
-        for line in lines:
-            await asyncio.to_thread(self.store.requeue, line.batch_id, line.line_no)
-
-    async def _abort_cancelled(self) -> None:
-        batch_ids = {inf.line.batch_id for inf in self.inflight.values() if inf.line is not None}
-        for bid in batch_ids:
-            status = (await asyncio.to_thread(self.store.get_batch, bid))["status"]
-            if status in ("cancelling", "cancelled", "expired"):
-                for inf in list(self.inflight.values()):
-                    if inf.line is not None and inf.line.batch_id == bid:
-                        self.abort(inf.req_id)
 
     # ------------------------------------------------------------------ shutdown
     async def drain(self, timeout: float) -> bool:

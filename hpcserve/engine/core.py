@@ -11,7 +11,8 @@ then ``add_request`` / ``abort_request`` at any time and call ``step()`` until
     outputs   = detokenize, apply stop strings, build RequestOutput deltas
 
 The engine is single-threaded: the serving daemon (later issues) drives it from
-one event loop per role.
+one event loop per role. After each ``step()``, ``last_step_shares`` lists
+``(req_id, tokens computed)`` for every request that step scheduled.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ class LLMEngine:
         self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (tokens sent, logprobs sent)
         self._aborted: list[Request] = []
         self.handoff = None  # KVHandoff (engine/handoff.py) on prefill/decode replicas: attach_handoff()
+        # (req_id, tokens computed for it) of every request the last step() scheduled: the prefill
+        # chunk's length or 1 for a decode (usage accounting splits the step's time by these)
+        self.last_step_shares: list[tuple[str, int]] = []
 
     def attach_handoff(self, connector, rank: int, target_group_bytes: int = 2 << 20):
         """Make this replica a producer and/or consumer of KV handoffs over ``connector``
@@ -216,6 +220,7 @@ class LLMEngine:
         self._aborted = []
         t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
+        self.last_step_shares = [(s.req_id, s.num_new_tokens) for s in sched_out.seqs]
         sampled = self.runner.execute(sched_out)
         events = self.scheduler.update_from_output(sched_out, sampled)
         if sched_out.seqs:

@@ -82,10 +82,22 @@ class RequestStepOutput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., new_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TokenLogprob, _Mapping]]] = ..., is_finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_cached_tokens: _Optional[int] = ..., new_text: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., kv_event: _Optional[_Union[KvEvent, _Mapping]] = ...) -> None: ...
 
 class StepOutputs(_message.Message):
-    __slots__ = ("outputs",)
+    __slots__ = ("outputs", "step_time_s", "shares")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[RequestStepOutput]
-    def __init__(self, outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ...) -> None: ...
+    step_time_s: float
+    shares: _containers.RepeatedCompositeFieldContainer[StepShare]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., step_time_s: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[StepShare, _Mapping]]] = ...) -> None: ...
+
+class StepShare(_message.Message):
+    __slots__ = ("request_id", "num_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    num_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "recent_step_time_s", "num_preemptions", "num_steps", "num_output_tokens_interactive", "num_output_tokens_batch", "busy_time_s", "kv")
