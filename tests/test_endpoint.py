@@ -59,3 +59,21 @@ def test_clear_errors(tmp_path):
     (tmp_path / "endpoint.json").write_text(json.dumps({"token": "x"}))
     with pytest.raises(EndpointNotFound, match="has no address"):
         resolve_endpoint(state_dir=tmp_path, env={})
+
+
+def test_tls_ca_round_trips_and_old_files_still_load(tmp_path):
+    write_endpoint(tmp_path, "127.0.0.1:50051", token="t", tls_ca=tmp_path / "certs" / "server.pem")
+    path = tmp_path / "endpoint.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["tls_ca"] == str(tmp_path / "certs" / "server.pem")
+    assert read_endpoint(tmp_path).tls_ca == str(tmp_path / "certs" / "server.pem")
+    mark_draining(tmp_path)  # the rewrite keeps it
+    ep = read_endpoint(tmp_path)
+    assert ep.draining and ep.tls_ca == str(tmp_path / "certs" / "server.pem")
+    write_endpoint(tmp_path, "127.0.0.1:50051", token="t")  # plaintext daemon: no trust root
+    assert read_endpoint(tmp_path).tls_ca is None
+    # a file written before tls_ca existed
+    path.write_text(json.dumps({"address": "127.0.0.1:7", "token": "old", "pid": 1, "draining": False}))
+    ep = read_endpoint(tmp_path)
+    assert (ep.address, ep.token, ep.tls_ca) == ("127.0.0.1:7", "old", None)
+    assert [p.name for p in tmp_path.iterdir()] == ["endpoint.json"]

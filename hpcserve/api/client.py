@@ -8,25 +8,40 @@ Interface::
     client.list_batches(limit=20, after=None) -> (list[dict], has_more)
     client.iter_batch_results(id, follow=False) -> Iterator[(custom_id, json_str, is_error)]
     client.server_info() -> serving_pb2.ServerInfo
+    client.usage(since_day=None, by_day=False) -> serving_pb2.UsageReport;  client.drain() -> bool
     client.chat_stream(messages, max_tokens=None, temperature=None, request_id=None, ...)
     client.complete_stream(prompt, ...) -> Iterator[chunk];  client.abort(request_id) -> bool
     client.close()   # or use it as a context manager
+    resolve_tls(endpoint, state_dir=None, env=None) -> (trust root PEM | None for system roots, source) | None
 
 Lifecycle: ``connect`` resolves the address with ``hpcserve.daemon.endpoint.resolve_endpoint``
-(``--endpoint``, ``HPCSERVE_ENDPOINT``, then the state dir's ``endpoint.json``) and the token
-with ``resolve_token`` (the endpoint file's; else ``HPCSERVE_TOKEN``; else, for an address
-given by flag or env, the state dir file's token if that file names the same address), then
-waits up to ``timeout`` for the channel. Every call sends ``authorization: Bearer <token>``
-when a token is known. Batch dicts use OpenAI field names (``batch_from_proto``).
+(``--endpoint``, ``HPCSERVE_ENDPOINT``, then the state dir's ``endpoint.json``), the token
+with ``resolve_token`` (a tenant's own key in ``HPCSERVE_API_KEY``; else the endpoint file's
+minted key; else ``HPCSERVE_TOKEN``; else, for an address
+given by flag or env, the state dir file's token if that file names the same address) and
+the TLS trust root with ``resolve_tls`` (below), then waits up to ``timeout`` for the
+channel. Every call sends ``authorization: Bearer <token>`` when a token is known. Batch
+dicts use OpenAI field names (``batch_from_proto``).
+
+TLS: the channel is TLS (``grpc.secure_channel``) when a trust root is known, else plaintext:
+- ``HPCSERVE_TLS_CA=/path/ca.pem``: trust the PEM certificate(s) in that file (the daemon's
+  certificate or the CA that signed it); ``HPCSERVE_TLS_CA=system``: the system's roots, for a
+  site certificate from a public or site CA installed system-wide. It wins over the file's;
+- else the endpoint file's ``tls_ca`` (the daemon writes its certificate's path there), also
+  for an address given by flag or env when the state dir file names the same address.
+The certificate must name the host of the address (a SubjectAltName; see ``daemon/tls.py``).
 
 Errors: every ``grpc.RpcError`` becomes a ``ClientError`` (an ``HpcserveError``) with one
 line: ``DaemonUnreachable`` (not listening, or the connection broke), ``Unauthenticated``
-(token hint), ``NotFound`` / ``InvalidArgument`` and other codes with the server's details.
+(token hint), ``NotFound`` / ``InvalidArgument`` and other codes with the server's details;
+``TlsVerificationFailed`` (code None: a setup problem, not worth retrying) when the TLS
+handshake fails (wrong trust root, a certificate not naming the host, a plaintext daemon).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -45,6 +60,7 @@ from hpcserve.daemon.endpoint import (
     resolve_endpoint,
     state_dir_from,
 )
+from hpcserve.daemon.tls import grpc_channel_credentials
 from hpcserve.errors import HpcserveError
 
 if TYPE_CHECKING:
@@ -53,7 +69,10 @@ if TYPE_CHECKING:
 CALL_TIMEOUT_S = 60.0  # unary calls except SubmitBatch (which validates the whole input)
 _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
             ("grpc.enable_retries", 0)]
-_TOKEN_HINT = "clients read it from the daemon's endpoint.json (--state-dir) or HPCSERVE_TOKEN"
+_TOKEN_HINT = ("set HPCSERVE_API_KEY to your tenant's key (from `hpcserve keys add`), or use the daemon's "
+               "endpoint.json (--state-dir)")
+ENV_TLS_CA = "HPCSERVE_TLS_CA"  # path of a PEM trust root, or "system"
+_TLS_MARKS = ("handshake", "ssl_error", "certificate", "hostname verification", "tsi_")
 
 
 class ClientError(HpcserveError):
@@ -80,21 +99,67 @@ class InvalidArgument(ClientError):
     """The daemon rejected an argument; the message names the field."""
 
 
+class TlsVerificationFailed(ClientError):
+    """The TLS handshake with the daemon failed: wrong trust root, wrong host name, or no TLS there."""
+
+
+def _is_tls_failure(details: str) -> bool:
+    low = details.lower()
+    return any(m in low for m in _TLS_MARKS)
+
+
+def _local_endpoint(ep: Endpoint, state_dir, env) -> Endpoint | None:
+    """For an address given by flag or env: the state dir's endpoint file if it names the same address."""
+    if ep.source not in ("--endpoint", "HPCSERVE_ENDPOINT"):
+        return None
+    try:
+        local = read_endpoint(state_dir_from(state_dir, env))
+    except EndpointNotFound:
+        return None
+    return local if local is not None and local.address == ep.address else None
+
+
+def resolve_tls(ep: Endpoint, state_dir: str | os.PathLike | None = None,
+                env: Mapping[str, str] | None = None) -> tuple[bytes | None, str] | None:
+    """None for plaintext, else ``(trust root PEM, or None for the system's roots; where it came from)``.
+    An unreadable or non-PEM trust root file is one ``ClientError`` naming it."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_TLS_CA, "").strip()
+    if raw:
+        if raw.lower() == "system":
+            return None, f"{ENV_TLS_CA}=system"
+        path, source = raw, ENV_TLS_CA
+    else:
+        file_ep = ep if ep.tls_ca else _local_endpoint(ep, state_dir, env)
+        if file_ep is None or not file_ep.tls_ca:
+            return None
+        path, source = file_ep.tls_ca, f"the tls_ca of {file_ep.source}"
+    p = Path(os.path.expanduser(path))
+    fix = (f"set {ENV_TLS_CA}=/path/ca.pem to the daemon's certificate or its CA (or {ENV_TLS_CA}=system "
+           "for a certificate from a CA installed system-wide)")
+    try:
+        pem = p.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read the TLS trust root {p} (from {source}): {exc.strerror or exc}; {fix}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ClientError(f"the TLS trust root {p} (from {source}) holds no PEM certificate; {fix}")
+    return pem, f"{p} from {source}"
+
+
 def resolve_token(ep: Endpoint, state_dir: str | os.PathLike | None = None,
                   env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
-    """``(token, where it came from)`` for an endpoint from ``resolve_endpoint``."""
+    """``(token, where it came from)`` for an endpoint from ``resolve_endpoint``: a tenant's own
+    key in ``HPCSERVE_API_KEY`` wins; else the endpoint file's (minted) key; else HPCSERVE_TOKEN."""
     env = os.environ if env is None else env
+    if env.get("HPCSERVE_API_KEY"):
+        return env["HPCSERVE_API_KEY"], "HPCSERVE_API_KEY"
     if ep.token:
         return ep.token, ep.source
     if env.get("HPCSERVE_TOKEN"):
         return env["HPCSERVE_TOKEN"], "HPCSERVE_TOKEN"
-    if ep.source in ("--endpoint", "HPCSERVE_ENDPOINT"):
-        try:
-            local = read_endpoint(state_dir_from(state_dir, env))
-        except EndpointNotFound:
-            local = None
-        if local is not None and local.token and local.address == ep.address:
-            return local.token, local.source
+    local = _local_endpoint(ep, state_dir, env)
+    if local is not None and local.token:
+        return local.token, local.source
     return None, None
 
 
@@ -125,8 +190,9 @@ class Client:
     """See the module docstring. Build one with ``Client.connect``."""
 
     def __init__(self, channel: grpc.Channel, endpoint: Endpoint, state_dir: Path,
-                 token: str | None = None, token_source: str | None = None):
+                 token: str | None = None, token_source: str | None = None, tls_source: str | None = None):
         self._channel = channel
+        self.tls_source = tls_source  # where the TLS trust root came from; None: plaintext
         self._stub = serving_pb2_grpc.ServingStub(channel)
         self.endpoint, self.address, self.state_dir = endpoint, endpoint.address, state_dir
         self.token_source = token_source
@@ -139,11 +205,21 @@ class Client:
         env = os.environ if env is None else env
         ep = resolve_endpoint(endpoint, state_dir, env)
         token, token_source = resolve_token(ep, state_dir, env)
-        client = cls(grpc.insecure_channel(ep.address, options=_OPTIONS), ep, state_dir_from(state_dir, env),
-                     token, token_source)
+        tls = resolve_tls(ep, state_dir, env)
+        if tls is None:
+            channel = grpc.insecure_channel(ep.address, options=_OPTIONS)
+        else:
+            channel = grpc.secure_channel(ep.address, grpc_channel_credentials(tls[0]), options=_OPTIONS)
+        client = cls(channel, ep, state_dir_from(state_dir, env), token, token_source, tls and tls[1])
         if not client._wait_ready(timeout, fail_fast=True):
+            details = client._connect_error() if client._failed else ""
             client.close()
+            if _is_tls_failure(details):
+                raise TlsVerificationFailed(client._tls_failed(details))
             why = "connection failed" if client._failed else f"no connection within {timeout:g} s"
+            if tls is None and "socket closed" in details.lower():
+                why += (f"; the connection was closed at once: if that daemon serves TLS, set "
+                        f"{ENV_TLS_CA}=/path/ca.pem (its certificate or CA) or {ENV_TLS_CA}=system")
             raise DaemonUnreachable(client._unreachable(why))
         return client
 
@@ -178,6 +254,41 @@ class Client:
         self._failed = bool(ok) and not ok[0]
         return bool(ok and ok[0])
 
+    def _connect_error(self) -> str:
+        """The details of the last failed connection attempt: a call on a channel in TRANSIENT_FAILURE
+        fails at once with them (no token is sent: nothing is connected)."""
+        try:
+            health_stub = self._channel.unary_unary("/grpc.health.v1.Health/Check",
+                                                    request_serializer=bytes, response_deserializer=bytes)
+            health_stub(b"", timeout=2.0)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return exc.details() or ""
+        return ""
+
+    def _tls_failed(self, details: str) -> str:
+        last = re.sub(r"^.*?last error: \w+: (?:ipv[46]:\S+|unix:\S+): ", "", details).strip()
+        last = re.sub(r"[:\s]+OK$", "", last)  # grpc appends the status of its own check
+        low, host = last.lower(), self.address.rpartition(":")[0]
+        fix = (f"set {ENV_TLS_CA}=/path/ca.pem to the daemon's certificate or the CA that signed it "
+               f"({ENV_TLS_CA}=system for a CA installed system-wide)")
+        if "wrong_version_number" in low or "packet_length_too_long" in low:
+            why = "it does not speak TLS"
+            from_env = ENV_TLS_CA in (self.tls_source or "")
+            fix = (f"unset {ENV_TLS_CA} to talk plaintext to a daemon without [tls]" if from_env else
+                   "the endpoint file says it serves TLS: is that file stale, with another program on that port?")
+        elif "hostname verification" in low or "peer name" in low:
+            why = f"its certificate does not name {host}"
+            fix = (f"the daemon's certificate needs a SubjectAltName for {host} (see [tls] in the site config), or "
+                   "connect by a name it has (--endpoint NAME:PORT)")
+        elif "certificate_verify_failed" in low:
+            reason = last.rsplit("CERTIFICATE_VERIFY_FAILED", 1)[-1].strip(" :")
+            why = "its certificate is not trusted" + (f" ({reason})" if reason else "")
+        else:
+            why = last
+        return (f"TLS verification of the hpcserve daemon at {self.address} failed: {why}; trust root: "
+                f"{self.tls_source or 'none, plaintext'}; {fix}")
+
     def _unreachable(self, why: str) -> str:
         ep, where = self.endpoint, self.state_dir / FILE_NAME
         if ep.source not in ("--endpoint", "HPCSERVE_ENDPOINT"):
@@ -194,6 +305,8 @@ class Client:
                started: bool = False) -> ClientError:
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         details = (exc.details() if callable(getattr(exc, "details", None)) else None) or ""
+        if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):
+            return TlsVerificationFailed(self._tls_failed(details))
         if code == grpc.StatusCode.UNAVAILABLE:
             # Still connected: the daemon sent UNAVAILABLE itself (e.g. its workers died). Only watch,
             # no reconnect: grpc's poller would touch the channel after close() (grpcio 1.85).
@@ -212,7 +325,8 @@ class Client:
             return NotFound(details or f"{method}: not found", code)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(details or f"{method}: invalid argument", code)
-        if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.PERMISSION_DENIED):
             return ClientError(details or f"{method}: {code.name.lower()}", code)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ClientError(f"the daemon at {self.address} did not answer {method} within {timeout:g} s"
@@ -320,6 +434,14 @@ class Client:
     def abort(self, request_id: str) -> bool:
         """Abort an in-flight Chat/Complete request; False if it was unknown or finished."""
         return self._unary("Abort", serving_pb2.AbortRequest(request_id=request_id), timeout=10.0).is_aborted
+
+    def usage(self, since_day: str | None = None, by_day: bool = False) -> serving_pb2.UsageReport:
+        """Per-tenant usage (every tenant with an admin key, else the caller's own)."""
+        return self._unary("GetUsage", serving_pb2.GetUsageRequest(since_day=since_day or "", by_day=by_day))
+
+    def drain(self) -> bool:
+        """Ask the daemon to drain and stop (admin keys only)."""
+        return self._unary("Drain", serving_pb2.DrainRequest(), timeout=10.0).is_draining
 
 
 def new_request_id(prefix: str = "cli") -> str:

@@ -1,9 +1,11 @@
 """The endpoint file: how clients find the service across allocations. No torch.
 
-Lifecycle: the daemon calls ``write_endpoint(state_dir, address, token, ...)`` once it
-listens, ``mark_draining(state_dir)`` when it starts to drain, and ``remove_endpoint``
-on a clean exit. The file is ``$state_dir/endpoint.json``, mode 0600 (it holds the
-token), replaced atomically so a reader never sees half a file.
+Lifecycle: the daemon calls ``write_endpoint(state_dir, address, token, http=, tls_ca=)`` once
+it listens, ``mark_draining(state_dir)`` when it starts to drain, and ``remove_endpoint`` on a
+clean exit. The file is ``$state_dir/endpoint.json``, mode 0600 (it holds the token), replaced
+atomically so a reader never sees half a file. ``tls_ca`` (absolute path, or absent) is set
+when the daemon serves TLS: the PEM file clients use as the trust root (the daemon's
+certificate); files written before it existed still load (``tls_ca`` None: plaintext).
 
 Clients call ``resolve_endpoint(endpoint=None, state_dir=None, env=os.environ)``, which
 tries, in order: the explicit ``--endpoint`` value, ``HPCSERVE_ENDPOINT`` (``host:port``),
@@ -41,6 +43,7 @@ class Endpoint:
     draining: bool = False
     started_at: float | None = None
     slurm_job_id: str | None = None  # the allocation serving it (hpcserve down drains that job)
+    tls_ca: str | None = None  # path of the PEM trust root for TLS clients; None: the daemon serves plaintext
     source: str = field(default="", compare=False)  # where it was found, for messages
 
 
@@ -58,11 +61,11 @@ def _check_address(address: str, where: str) -> str:
 
 
 def write_endpoint(state_dir: str | os.PathLike, address: str, token: str | None = None,
-                   http: str | None = None) -> Path:
+                   http: str | None = None, tls_ca: str | os.PathLike | None = None) -> Path:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     ep = Endpoint(_check_address(address, "daemon address"), token, os.getpid(), http, False, time.time(),
-                  os.environ.get("SLURM_JOB_ID") or None)
+                  os.environ.get("SLURM_JOB_ID") or None, str(Path(tls_ca).absolute()) if tls_ca else None)
     data = {k: v for k, v in asdict(ep).items() if k != "source"}
     fd, tmp = tempfile.mkstemp(prefix=".endpoint-", dir=state)  # created 0600
     try:
@@ -89,8 +92,8 @@ def read_endpoint(state_dir: str | os.PathLike) -> Endpoint | None:
         raise EndpointNotFound(f"{path}: unreadable endpoint file ({exc}); remove it and restart the daemon") from exc
     if not isinstance(data, dict) or not isinstance(data.get("address"), str):
         raise EndpointNotFound(f"{path}: endpoint file has no address; remove it and restart the daemon")
-    known = {k: data[k] for k in ("address", "token", "pid", "http", "draining", "started_at", "slurm_job_id")
-             if k in data}
+    known = {k: data[k] for k in ("address", "token", "pid", "http", "draining", "started_at", "slurm_job_id",
+                                  "tls_ca") if k in data}
     return Endpoint(**known, source=str(path))
 
 

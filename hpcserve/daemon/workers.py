@@ -3,7 +3,8 @@
 ``WorkerPool`` owns one *launch* at a time: a ``LAUNCHER hpcserve worker`` process group
 (``mpiexec -n N`` locally, ``srun --mpi=PLUGIN --overlap -n N`` inside a Slurm allocation: see
 ``launcher_command``) (its own session, so it can be killed whole), a fresh secret, and the replicas whose
-leaders dialled back. It also implements the daemon side of ``WorkerLink.Connect``.
+leaders dialled back. It also implements the daemon side of ``WorkerLink.Connect``. With TLS on
+(``tls_ca_pem``), the ranks get that PEM text in ``HPCSERVE_WORKER_TLS_CA`` and dial over TLS.
 
 Launch lifecycle (``WorkerPool.run``, a task on the daemon's event loop)::
 
@@ -41,6 +42,7 @@ from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import worker_pb2 as wpb
 from hpcserve.api.v1 import worker_pb2_grpc
 from hpcserve.cluster.worker import ENV_CONFIG, ENV_DAEMON, ENV_DISAGG, ENV_SECRET
+from hpcserve.daemon.tls import WORKER_CA_ENV
 
 log = logging.getLogger("hpcserve.daemon")
 
@@ -111,7 +113,8 @@ def worker_command() -> list[str]:
 class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
     def __init__(self, *, num_ranks: int, launcher: list[str], engine_fields: dict, link_address: str,
                  log_dir: Path, restart_limit: int, start_timeout_s: float, router,
-                 disagg: dict | None = None, launch_env: dict[str, str] | None = None) -> None:
+                 disagg: dict | None = None, launch_env: dict[str, str] | None = None,
+                 tls_ca_pem: str | None = None) -> None:
         self.num_ranks = num_ranks
         self.launcher = launcher  # command prefix that starts num_ranks copies of the worker as one MPI world
         self.launch_env = dict(launch_env or {})  # extra environment of the worker step (site MPI settings)
@@ -122,6 +125,7 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
         self.start_timeout_s = start_timeout_s
         self.router = router
         self.disagg = disagg  # worker-side handoff spec (roles per rank, ...) or None: all mixed
+        self.tls_ca_pem = tls_ca_pem  # PEM text the leaders trust when they dial link_address; None: plaintext
         self.replicas: dict[int, Replica] = {}
         self.launch_id = 0
         self.num_restarts = 0
@@ -201,6 +205,10 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
             env[ENV_DISAGG] = json.dumps(self.disagg)
         else:
             env.pop(ENV_DISAGG, None)
+        if self.tls_ca_pem:
+            env[WORKER_CA_ENV] = self.tls_ca_pem
+        else:
+            env.pop(WORKER_CA_ENV, None)
         cmd = [*self.launcher, *worker_command()]
         logf = open(self.log_dir / "workers.log", "ab")  # noqa: SIM115, ASYNC230 - the child keeps it; closed below
         logf.write(f"\n=== launch {self.launch_id} at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
