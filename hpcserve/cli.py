@@ -6,9 +6,13 @@ errors (``HpcserveError``) print as one line and exit 2, never as a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
+
+# grpc's C core logs TLS handshake failures at INFO on stderr; hpcserve reports them as one line
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from hpcserve import __version__
 from hpcserve.errors import HpcserveError
@@ -36,6 +40,8 @@ def main() -> None:
     files, `cancel` stops a batch, `chat` talks to the model (one-shot or REPL).
     Clients find the daemon via --endpoint, HPCSERVE_ENDPOINT or the state dir's
     endpoint.json (--state-dir, HPCSERVE_STATE_DIR, default ~/.hpcserve).
+    `keys` manages the API keys of the site's tenants (add, list, revoke);
+    `status --tenants` shows their usage; `drain` stops the daemon (admin key).
 
     Offline: `run-batch` runs an OpenAI Batch JSONL file through the engine,
     `bench throughput` measures it against transformers, `models demo` prepares the
@@ -44,7 +50,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from hpcserve.commands import bench, chat, jobs, models, run_batch, sbatch, serve, up
+    from hpcserve.commands import bench, chat, jobs, keys, models, run_batch, sbatch, serve, up, usage
 
     main.add_command(serve.serve)
     main.add_command(serve.worker)
@@ -55,10 +61,12 @@ def _register() -> None:
     main.add_command(jobs.status)
     main.add_command(jobs.results)
     main.add_command(jobs.cancel)
+    main.add_command(usage.drain)
     main.add_command(chat.chat)
     main.add_command(sbatch.sbatch)
     main.add_command(up.up)
     main.add_command(up.down)
+    main.add_command(keys.keys)
 
 
 _register()

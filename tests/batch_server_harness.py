@@ -1,7 +1,7 @@
 """Test harness: a real grpc.aio server on 127.0.0.1:0 in a background thread (own event
 loop) serving ``FakeServing``, which delegates the batch RPCs to ``BatchApi`` over a real
 ``BatchStore`` and answers Chat/Abort/GetServerInfo with scripted replies; behind the
-``TokenAuthInterceptor`` when a token is given, with gRPC health and a minimal WorkerLink.
+``TenantAuthInterceptor`` (one admin tenant, ``default``, whose key is ``token``) when a token is given, with gRPC health and a minimal WorkerLink.
 No torch. ``fake_output(claimed, p, c)`` builds an output line with usage; ``answer_lines``
 plays the daemon's scheduler (claim + record) from a thread.
 
@@ -19,7 +19,7 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from hpcserve.api.auth import TokenAuthInterceptor
+from hpcserve.api.auth import TenantAuthInterceptor
 from hpcserve.api.batch_api import BatchApi
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import serving_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -105,7 +105,15 @@ class ServerThread:
         self.address = f"127.0.0.1:{self.port}"
 
     async def _start(self, servicer: FakeServing, token: str | None) -> int:
-        self.server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)] if token else [])
+        interceptors = []
+        if token:
+            from hpcserve.config_tables import TenantSection
+            from hpcserve.daemon.tenants import Tenants
+
+            tenants = Tenants({"default": TenantSection(admin=True)}, None)
+            tenants.mint_key("default", token)
+            interceptors.append(TenantAuthInterceptor(tenants))
+        self.server = grpc.aio.server(interceptors=interceptors)
         serving_pb2_grpc.add_ServingServicer_to_server(servicer, self.server)
         worker_pb2_grpc.add_WorkerLinkServicer_to_server(_WorkerLink(), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), self.server)

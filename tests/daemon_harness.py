@@ -107,7 +107,11 @@ class Daemon:
             if ep and ep.get("pid") == self.proc.pid:
                 if self.stub is None:
                     self.address = ep["address"]
-                    self._channel = grpc.insecure_channel(self.address)
+                    if ep.get("tls_ca"):  # [tls]: trust the daemon's certificate
+                        creds = grpc.ssl_channel_credentials(Path(ep["tls_ca"]).read_bytes())
+                        self._channel = grpc.secure_channel(self.address, creds)
+                    else:
+                        self._channel = grpc.insecure_channel(self.address)
                     self.stub = serving_pb2_grpc.ServingStub(self._channel)
                     self.md = [("authorization", f"Bearer {ep['token']}")]
                 if self.info().is_ready:

@@ -14,7 +14,7 @@ import pytest
 from batch_server_harness import FakeServing, ServerThread, answer_lines, fake_output
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hpcserve.api.auth import UNAUTHENTICATED_MESSAGE, bearer_token
+from hpcserve.api.auth import bearer_token
 from hpcserve.api.batch_api import BatchApi, batch_from_proto, batch_to_proto
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import serving_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -174,7 +174,8 @@ def test_token_auth(env):
     request = pb.ListBatchesRequest()
     for md in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
         err = rpc_error(call, stub.ListBatches, request, metadata=md)
-        assert err.code() == grpc.StatusCode.UNAUTHENTICATED and err.details() == UNAUTHENTICATED_MESSAGE
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "key" in err.details()
+        assert TOKEN not in err.details()
     err = rpc_error(call, stub.StreamBatchResults, pb.StreamBatchResultsRequest(batch_id="b"), metadata=())
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     err = rpc_error(call, stub.Chat, pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")]), metadata=())
@@ -195,17 +196,15 @@ def test_bearer_token_parsing():
     assert bearer_token([("x", "y"), ("Authorization", b"bearer xyz")]) == "xyz"
     assert bearer_token([("authorization", "Basic abc")]) is None
     assert bearer_token(None) is None
-    with pytest.raises(ValueError):
-        from hpcserve.api.auth import TokenAuthInterceptor
-
-        TokenAuthInterceptor("")
 
 
 def test_proto_round_trip(tmp_path):
     store = BatchStore(tmp_path / "s")
     try:
         b = store.create_batch(jsonl("{bad", "[1]"), metadata={"a": "b"})
-        d = {k: v for k, v in store.get_batch(b["id"]).items() if k != "tenant"}
+        # tenant and the file ids (the /v1/files view) are not part of serving_pb2.Batch
+        d = {k: v for k, v in store.get_batch(b["id"]).items()
+             if k not in ("tenant", "input_file_id", "output_file_id", "error_file_id")}
         pb_batch = batch_to_proto(d)
         assert pb_batch.status == pb.BATCH_STATUS_FAILED and [e.line for e in pb_batch.errors] == [1, 2]
         assert batch_from_proto(pb_batch) == d

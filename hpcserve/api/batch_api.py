@@ -6,6 +6,10 @@ methods ``SubmitBatch``, ``GetBatch``, ``ListBatches``, ``CancelBatch`` (corouti
 ``(request, context)`` unchanged. ``batch_to_proto(d)`` / ``batch_from_proto(pb)`` convert
 between the store's OpenAI-shaped batch dict and ``serving_pb2.Batch``.
 
+Tenancy: every call acts for ``current_principal()``'s tenant (``"default"`` when the server
+has no auth interceptor, e.g. in tests): batches are created for it, and another tenant's batch
+is NOT_FOUND exactly like an unknown id.
+
 Lifecycle: one instance per daemon, sharing the daemon's store (created and ``recover()``-ed
 by the daemon, which also runs the lines). Every store call runs in ``asyncio.to_thread``.
 Errors reach the client as one status with a message naming the field and the fix:
@@ -28,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from hpcserve.api.auth import current_principal
 from hpcserve.api.v1 import serving_pb2
 from hpcserve.batch.openai_format import URLS
 from hpcserve.daemon.batches import TERMINAL, BatchNotFound, BatchStore, parse_completion_window
@@ -86,6 +91,11 @@ class BatchApi:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
     @staticmethod
+    def _tenant() -> str:
+        p = current_principal()
+        return p.tenant if p is not None else "default"
+
+    @staticmethod
     def _batch_id(request) -> str | None:
         return request.batch_id.strip() or None
 
@@ -112,9 +122,12 @@ class BatchApi:
         if msg is not None:
             await self._invalid(context, msg)
 
+        tenant = self._tenant()
+
         def create() -> dict:
             if kind == "input_jsonl":
-                return self.store.create_batch(request.input_jsonl, window, metadata, endpoint=endpoint)
+                return self.store.create_batch(request.input_jsonl, window, metadata, endpoint=endpoint,
+                                               tenant=tenant)
             path = request.input_path
             if not os.path.isabs(path):
                 raise _Invalid(f"input_path: {path!r} is relative and the daemon's working directory "
@@ -124,7 +137,7 @@ class BatchApi:
             if not os.path.isfile(path) or not os.access(path, os.R_OK):
                 raise unreadable
             try:
-                return self.store.create_batch(path, window, metadata, endpoint=endpoint)
+                return self.store.create_batch(path, window, metadata, endpoint=endpoint, tenant=tenant)
             except (RequestError, BatchNotFound):
                 raise
             except (HpcserveError, OSError):
@@ -137,7 +150,8 @@ class BatchApi:
         batch_id = self._batch_id(request)
         if batch_id is None:
             await self._invalid(context, "batch_id: required (the batch_... id SubmitBatch returned)")
-        return batch_to_proto(await self._run(context, "GetBatch", self.store.get_batch, batch_id))
+        return batch_to_proto(await self._run(context, "GetBatch", self.store.get_batch, batch_id,
+                                              tenant=self._tenant()))
 
     async def ListBatches(self, request: serving_pb2.ListBatchesRequest,
                           context: grpc.aio.ServicerContext) -> serving_pb2.ListBatchesResponse:
@@ -146,7 +160,8 @@ class BatchApi:
             await self._invalid(context, f"limit: must be 1..{MAX_LIST_LIMIT} (0 = {DEFAULT_LIST_LIMIT}), "
                                          f"got {request.limit}")
         after = request.after.strip() or None
-        rows = await self._run(context, "ListBatches", self.store.list_batches, limit + 1, after, field="after")
+        rows = await self._run(context, "ListBatches", self.store.list_batches, limit + 1, after, field="after",
+                               tenant=self._tenant())
         return serving_pb2.ListBatchesResponse(batches=[batch_to_proto(d) for d in rows[:limit]],
                                                has_more=len(rows) > limit)
 
@@ -155,16 +170,17 @@ class BatchApi:
         batch_id = self._batch_id(request)
         if batch_id is None:
             await self._invalid(context, "batch_id: required (the batch_... id SubmitBatch returned)")
-        return batch_to_proto(await self._run(context, "CancelBatch", self.store.cancel_batch, batch_id))
+        return batch_to_proto(await self._run(context, "CancelBatch", self.store.cancel_batch, batch_id,
+                                              tenant=self._tenant()))
 
     async def StreamBatchResults(self, request: serving_pb2.StreamBatchResultsRequest,
                                  context: grpc.aio.ServicerContext) -> AsyncIterator[serving_pb2.BatchResultLine]:
         batch_id = self._batch_id(request)
         if batch_id is None:
             await self._invalid(context, "batch_id: required (the batch_... id SubmitBatch returned)")
-        name = "StreamBatchResults"
+        name, tenant = "StreamBatchResults", self._tenant()
         if not request.follow:
-            rows = await self._run(context, name, self.store.result_rows, batch_id)
+            rows = await self._run(context, name, self.store.result_rows, batch_id, tenant=tenant)
             while page := await self._run(context, name, lambda: list(itertools.islice(rows, _PAGE))):
                 for custom_id, text, is_error in page:
                     yield serving_pb2.BatchResultLine(custom_id=custom_id or "", json=text, is_error=is_error)
@@ -172,9 +188,10 @@ class BatchApi:
         seq = 0
         while True:
             # Status first: once it is terminal no line can change, so draining after it is complete.
-            status = (await self._run(context, name, self.store.get_batch, batch_id))["status"]
+            status = (await self._run(context, name, self.store.get_batch, batch_id, tenant=tenant))["status"]
             while True:
-                page = await self._run(context, name, self.store.result_rows_after, batch_id, seq, _PAGE)
+                page = await self._run(context, name, self.store.result_rows_after, batch_id, seq, _PAGE,
+                                       tenant=tenant)
                 for _, custom_id, text, is_error in page:
                     yield serving_pb2.BatchResultLine(custom_id=custom_id or "", json=text, is_error=is_error)
                 if page:

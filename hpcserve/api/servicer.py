@@ -1,16 +1,24 @@
 """The public ``hpcserve.api.v1.Serving`` servicer of the daemon (grpc.aio). No torch.
 
+Every call runs for the tenant of its API key (``api.auth.current_principal()``).
+
 Chat / Complete lifecycle (one handler coroutine per stream)::
 
-    validate (model, roles) → wait for ready workers (≤ READY_WAIT_S) → tokenize (chat
-    template) → sampling params with server defaults → context-length check →
-    router.submit → relay each replica output as a chunk → last chunk: finish_reason + usage
+    validate (roles, prompt) → ``Admission.admit`` (model, tenant permission, draining, ready
+    workers, tokenize, sampling defaults, context length, priority cap, tenant limits,
+    router.submit) → relay each replica output as a chunk → last chunk: finish_reason, usage,
+    metrics → ``Admitted.close()`` (abort if unfinished, end the tenant's lease)
 
 Errors reach clients as gRPC statuses with one line naming the field and the fix:
-INVALID_ARGUMENT (bad field, prompt too long), ALREADY_EXISTS (request id in flight),
-UNAVAILABLE (workers starting/relaunching/failed mid-stream, daemon draining), INTERNAL
-(the replica rejected the request). A stream that ends early for any reason (client
-cancel, disconnect, error) aborts its request on the replica, which frees its KV blocks.
+INVALID_ARGUMENT (bad field, prompt too long), NOT_FOUND (model not served), ALREADY_EXISTS
+(request id in flight), UNAVAILABLE (workers starting/relaunching/failed mid-stream, daemon
+draining), PERMISSION_DENIED (model or RPC not allowed for the tenant), RESOURCE_EXHAUSTED
+(tenant limit; a ``retry-after`` trailer in seconds), INTERNAL (the replica rejected the
+request). A stream that ends early for any reason (client cancel, disconnect, error) aborts
+its request on the replica, which frees its KV blocks.
+
+Admin keys only: ``Drain``; the replicas, allocation and state dir in ``GetServerInfo``; every
+tenant's rows in ``GetUsage`` (other keys get their own tenant's).
 
 Batch RPCs are delegated to ``api.batch_api.BatchApi``; submits and cancels wake the router.
 """
@@ -23,31 +31,48 @@ import time
 import grpc
 
 from hpcserve import __version__
+from hpcserve.api.admission import ApiError, api_error
+from hpcserve.api.auth import abort_with, current_principal
 from hpcserve.api.convert import logprobs_from_proto, logprobs_to_proto, sampling_from_proto
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import serving_pb2_grpc
-from hpcserve.daemon.router import StreamError
-from hpcserve.errors import RequestError
+from hpcserve.errors import HpcserveError
 
-READY_WAIT_S = 30.0
 DEFAULT_MAX_TOKENS = 1024  # when a stream gives none: what is left of the context, at most this
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_STATUS_OF_CODE = {"already_exists": grpc.StatusCode.ALREADY_EXISTS, "unavailable": grpc.StatusCode.UNAVAILABLE}
 
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
-    def __init__(self, *, router, frontend, batch_api, model_name: str, model_path: str, num_ranks: int,
-                 state_dir: str, allocation=None) -> None:
-        self.router = router
-        self.frontend = frontend
+    def __init__(self, *, admission, batch_api, num_ranks: int, state_dir: str, allocation=None,
+                 usage=None, on_drain=None) -> None:
+        self.admission = admission
+        self.router = admission.router
+        self.frontend = admission.frontend
+        self.tenants = admission.tenants
         self.batch_api = batch_api
-        self.model_name = model_name
-        self.model_path = model_path
+        self.model_name = admission.model_name
         self.num_ranks = num_ranks
         self.state_dir = state_dir
         self.allocation = allocation  # callable -> pb.Allocation | None
+        self.usage = usage  # callable(GetUsageRequest, tenant or None for all) -> pb.UsageReport
+        self.on_drain = on_drain  # callable: start the daemon's graceful stop
         self.started = time.monotonic()
-        self.draining = False
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
+
+    async def _require_admin(self, context, what: str):
+        principal = current_principal()
+        try:
+            self.tenants.require_admin(principal, what)
+        except HpcserveError as exc:
+            await abort_with(context, api_error(exc))
+        return principal
 
     # ------------------------------------------------------------------ streams
     async def Chat(self, request, context):
@@ -74,53 +99,36 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             yield chunk
 
     async def _stream(self, request, context, make_ids, chunk_cls):
-        if request.model and request.model not in (self.model_name, self.model_path):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served here; "
-                                f"this server serves {self.model_name!r} (or leave model empty)")
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on its next start")
-        if not await self.router.wait_ready(READY_WAIT_S):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_ready_message())
+        principal = current_principal()
+
+        def make_params(num_prompt_tokens: int):
+            return sampling_from_proto(request.sampling_params,
+                                       self.frontend.default_max_tokens(num_prompt_tokens, DEFAULT_MAX_TOKENS))
         try:
-            ids = make_ids()
-            params = sampling_from_proto(
-                request.sampling_params, self.frontend.default_max_tokens(len(ids), DEFAULT_MAX_TOKENS))
-            self.frontend.check_length(len(ids), params)
-            cls = request.request_class or pb.REQUEST_CLASS_INTERACTIVE
-            req_id = request.request_id if request.HasField("request_id") else None
-            inf = self.router.submit(req_id, ids, params, cls)
-        except RequestError as exc:
-            await context.abort(_STATUS_OF_CODE.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
-        finished = False
+            adm = await self.admission.admit(
+                principal, request.model, make_ids, make_params,
+                request.request_class or pb.REQUEST_CLASS_INTERACTIVE,
+                request.request_id if request.HasField("request_id") else None)
+        except ApiError as exc:
+            await abort_with(context, exc)
+        inf = adm.inf
         try:
-            async for ev in inf.events():
-                if isinstance(ev, StreamError):
-                    await context.abort(ev.code, ev.message)
-                if ev.is_finished and ev.finish_reason == pb.FINISH_REASON_ERROR:
-                    finished = True
-                    await context.abort(grpc.StatusCode.INTERNAL, ev.error_message or "the replica failed the request")
+            async for ev in adm.events():
                 chunk = chunk_cls(request_id=inf.req_id, text=ev.new_text, token_ids=ev.new_token_ids)
                 if ev.new_logprobs:
                     chunk.logprobs.extend(logprobs_to_proto(logprobs_from_proto(ev.new_logprobs),
                                                             self.frontend.decode_token))
                 if ev.is_finished:
-                    finished = True
-                    n_out = len(inf.token_ids)
+                    n_in, n_out = adm.prompt_len, len(inf.token_ids)
                     chunk.finish_reason = ev.finish_reason
-                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=n_out,
-                                                  total_tokens=len(ids) + n_out, cached_tokens=inf.num_cached_tokens))
+                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=n_in, completion_tokens=n_out,
+                                                  total_tokens=n_in + n_out, cached_tokens=inf.num_cached_tokens))
                     chunk.metrics.CopyFrom(_metrics(inf))
                 yield chunk
+        except ApiError as exc:
+            await abort_with(context, exc)
         finally:
-            if not finished:
-                self.router.abort(inf.req_id)  # client went away or the stream failed: free the replica
-
-    def _not_ready_message(self) -> str:
-        pool = self.router.pool
-        if pool is not None and pool.fatal:
-            return f"the worker ranks are down: {pool.fatal}"
-        return (f"the worker ranks are not ready after {READY_WAIT_S:.0f} s (still loading the model, or "
-                "relaunching); retry shortly and see `hpcserve status`")
+            adm.close()  # client went away or the stream failed: free the replica; end the tenant's lease
 
     async def Abort(self, request, context):
         return pb.AbortResponse(is_aborted=self.router.abort(request.request_id))
@@ -148,18 +156,40 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     # ------------------------------------------------------------------ info
     async def GetServerInfo(self, request, context):
+        principal = current_principal()
         pool = self.router.pool
-        replicas = sorted(pool.replicas.values(), key=lambda r: r.replica_id) if pool else []
         info = pb.ServerInfo(
             version=__version__, model=self.model_name, num_ranks=self.num_ranks,
-            replicas=[r.info() for r in replicas], uptime_s=time.monotonic() - self.started,
-            is_ready=self.router.is_ready and not self.draining,
+            uptime_s=time.monotonic() - self.started, is_ready=self.router.is_ready and not self.draining,
             max_model_len=self.frontend.max_model_len if self.router.is_ready else 0,
-            num_worker_restarts=pool.num_restarts if pool else 0, state_dir=self.state_dir)
+            num_worker_restarts=pool.num_restarts if pool else 0)
+        if principal is not None:
+            info.tenant, info.is_admin = principal.tenant, principal.is_admin
+        if principal is not None and not principal.is_admin:
+            return info  # replicas, allocation and the state dir are server-wide: admin only
+        replicas = sorted(pool.replicas.values(), key=lambda r: r.replica_id) if pool else []
+        info.replicas.extend(r.info() for r in replicas)
+        info.state_dir = self.state_dir
         alloc = await asyncio.to_thread(self.allocation) if self.allocation else None  # may run squeue
         if alloc is not None:
             info.allocation.CopyFrom(alloc)
         return info
+
+    async def GetUsage(self, request, context):
+        principal = current_principal()
+        if request.since_day and not _is_day(request.since_day):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"since_day: must be a UTC day YYYY-MM-DD, got {request.since_day!r}")
+        if self.usage is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "usage accounting is not enabled on this server")
+        every = principal is None or principal.is_admin
+        return await self.usage(request, None if every else principal.tenant)
+
+    async def Drain(self, request, context):
+        await self._require_admin(context, "Drain")
+        if self.on_drain is not None:
+            self.on_drain()
+        return pb.DrainResponse(is_draining=True)
 
 
 def _metrics(inf) -> pb.RequestMetrics:
@@ -171,3 +201,13 @@ def _metrics(inf) -> pb.RequestMetrics:
         m.kv_handoff_s, m.kv_handoff_bytes = inf.kv_handoff_s, inf.kv_handoff_bytes
         m.kv_handoff_failed = inf.kv_result is False
     return m
+
+
+def _is_day(s: str) -> bool:
+    import datetime
+
+    try:
+        datetime.date.fromisoformat(s)
+    except ValueError:
+        return False
+    return len(s) == 10

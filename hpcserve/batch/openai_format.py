@@ -3,6 +3,7 @@
 Interface:
 
     parse_line(text, line_no) -> BatchItem          # raises BatchLineError
+    parse_request_body(url, body) -> (BatchItem, stream, include_usage)  # an HTTP /v1 body; RequestError
     LineParser().parse(text, line_no) -> BatchItem  # same, plus duplicate custom_id detection
     error_from_request_error(line_no, custom_id, exc: RequestError) -> BatchLineError
     build_output_line(item, out: RequestOutput, model_name, created, decode=None) -> dict
@@ -154,6 +155,33 @@ def parse_line(text: str, line_no: int) -> BatchItem:
         raise fail(exc.code, str(exc)) from None
 
 
+def parse_request_body(url: str, body: Any) -> tuple[BatchItem, bool, bool]:
+    """Validate the JSON body of an HTTP ``/v1/chat/completions`` or ``/v1/completions`` request
+    with the same rules as a batch line, plus ``stream`` and ``stream_options.include_usage``.
+    Returns ``(item, stream, include_usage)``; raises ``RequestError`` naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object", field="body")
+    b = dict(body)
+    stream, opts = b.pop("stream", None), b.pop("stream_options", None)
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError(f"stream: must be a boolean, got {stream!r}", field="stream")
+    include_usage = False
+    if opts is not None:
+        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
+            raise RequestError("stream_options: must be an object like {\"include_usage\": true}",
+                               field="stream_options")
+        if not stream:
+            raise RequestError("stream_options: only allowed with stream: true", field="stream_options")
+        include_usage = bool(opts.get("include_usage"))
+    try:
+        item = _parse_body(0, "", url, b)
+    except _FieldError as exc:
+        msg = str(exc)
+        raise RequestError(msg, field=msg.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0],
+                           code=exc.code) from None
+    return item, bool(stream), include_usage
+
+
 class _FieldError(Exception):
     def __init__(self, message: str, code: str = "invalid_request"):
         super().__init__(message)
@@ -169,7 +197,7 @@ def _parse_body(line_no: int, custom_id: str, url: str, body: dict) -> BatchItem
         if name in _DEFAULT_ONLY:
             if any(_same(value, ok) for ok in _DEFAULT_ONLY[name]):
                 continue
-            raise _FieldError(f"{name}: not supported by hpcserve batch (got {value!r}); "
+            raise _FieldError(f"{name}: not supported by hpcserve (got {value!r}); "
                               "remove the field or use its default", "unsupported_parameter")
         raise _FieldError(f"{name}: unsupported parameter for {url}", "unsupported_parameter")
     b = {k: v for k, v in body.items() if v is not None}
@@ -179,7 +207,7 @@ def _parse_body(line_no: int, custom_id: str, url: str, body: dict) -> BatchItem
         raise _FieldError("model: must be a string")
     if "n" in b and not (_is_int(b["n"]) and b["n"] == 1):
         raise _FieldError(f"n: only n=1 is supported (got {b['n']!r}); "
-                          "write one line per sample", "unsupported_parameter")
+                          "send one request (or batch line) per sample", "unsupported_parameter")
     if "stream" in b:
         if not isinstance(b["stream"], bool):
             raise _FieldError("stream: must be a boolean")
@@ -271,7 +299,7 @@ def _parse_messages(messages: Any) -> list[dict]:
             raise _FieldError(f"{where}: must be an object with role and content")
         for key, value in m.items():
             if key not in ("role", "content", "name") and value not in (None, [], ""):
-                raise _FieldError(f"{where}.{key}: not supported by hpcserve batch",
+                raise _FieldError(f"{where}.{key}: not supported by hpcserve",
                                   "unsupported_parameter")
         role = m.get("role")
         if role is None:
@@ -353,7 +381,7 @@ def error_from_request_error(line_no: int, custom_id: str | None, exc: RequestEr
 # --------------------------------------------------------------------------- output
 
 
-def _usage(out: RequestOutput) -> dict:
+def usage_of(out: RequestOutput) -> dict:
     p, c = len(out.prompt_token_ids), len(out.token_ids)
     usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     if out.num_cached_tokens:
@@ -366,7 +394,7 @@ def _lp(x: float) -> float:
     return float(x) if math.isfinite(x) else -9999.0
 
 
-def _chat_logprobs(lps: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
+def chat_logprobs(lps: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
     def entry(tid: int, lp: float) -> dict:
         s = decode(tid)
         return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
@@ -379,7 +407,7 @@ def _chat_logprobs(lps: list[TokenLogprob], decode: Callable[[int], str]) -> dic
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(lps: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
+def completion_logprobs(lps: list[TokenLogprob], decode: Callable[[int], str]) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = 0
     for t in lps:
@@ -407,13 +435,13 @@ def build_output_line(item: BatchItem, out: RequestOutput, model_name: str, crea
     if item.is_chat:
         body = {"id": new_id("chatcmpl-"), "object": "chat.completion"}
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                  "logprobs": _chat_logprobs(out.logprobs, decode) if want_lps else None}
+                  "logprobs": chat_logprobs(out.logprobs, decode) if want_lps else None}
     else:
         body = {"id": new_id("cmpl-"), "object": "text_completion"}
         choice = {"index": 0, "text": out.text,
-                  "logprobs": _completion_logprobs(out.logprobs, decode) if want_lps else None}
+                  "logprobs": completion_logprobs(out.logprobs, decode) if want_lps else None}
     choice["finish_reason"] = out.finish_reason
-    body.update(created=int(created), model=model, choices=[choice], usage=_usage(out))
+    body.update(created=int(created), model=model, choices=[choice], usage=usage_of(out))
     return {
         "id": new_id("batch_req_"),
         "custom_id": item.custom_id,

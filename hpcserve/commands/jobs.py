@@ -321,17 +321,27 @@ def _print_batch(b: dict) -> None:
 @click.option("--wait-ready", "wait_ready", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="First wait up to SECONDS for a daemon that is starting (endpoint file written, worker "
                    "ranks loaded); exit 1 if it is not ready by then.")
+@click.option("--tenants", is_flag=True, help="Per-tenant usage: requests, tokens in/out, GPU-seconds, "
+              "today's tokens against the daily quota, streams in flight.")
+@click.option("--since", metavar="YYYY-MM-DD", default=None, help="With --tenants: only days from this UTC day.")
+@click.option("--by-day", is_flag=True, help="With --tenants: one row per tenant and UTC day.")
 @daemon_options
-def status(batch_id: str | None, as_json: bool, limit: int, wait_ready: float | None, endpoint: str | None,
-           state_dir: str | None) -> None:
+def status(batch_id: str | None, as_json: bool, limit: int, wait_ready: float | None, tenants: bool,
+           since: str | None, by_day: bool, endpoint: str | None, state_dir: str | None) -> None:
     """Without BATCH_ID: the daemon (model, readiness, replicas and their load, allocation) and its
-    recent batches. With BATCH_ID: that batch's status, counts, tokens and files.
+    recent batches. With BATCH_ID: that batch's status, counts, tokens and files. With --tenants:
+    per-tenant usage (every tenant for an admin key, else your own).
 
     --json prints the batch object (OpenAI field names) or {"server": ..., "batches": [...]}.
     """
     if wait_ready is not None:
         _wait_ready(endpoint, state_dir, wait_ready)
     with connect(endpoint, state_dir) as client:
+        if tenants:
+            from hpcserve.commands.usage import print_usage
+
+            print_usage(client.usage(since_day=since, by_day=by_day), as_json)
+            return
         if batch_id is not None:
             b = client.get_batch(batch_id)
             if as_json:

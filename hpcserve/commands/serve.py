@@ -21,6 +21,9 @@ from hpcserve.errors import HpcserveError
               "must add up to --ranks (which defaults to their sum). [config: disagg.roles; default: all mixed]")
 @click.option("--listen", metavar="HOST:PORT", help="gRPC address; 127.0.0.1:0 picks a free port. "
               "[config: daemon.listen; default 127.0.0.1:50051]")
+@click.option("--http", metavar="HOST:PORT", help="Also serve the OpenAI-compatible HTTP API (/v1: models, chat "
+              "completions, completions, files, batches) on this address; 127.0.0.1:0 picks a free port (see "
+              "endpoint.json). [env HPCSERVE_HTTP; config: daemon.http; default: off]")
 @click.option("--state-dir", metavar="DIR", help="Batch store, endpoint file and logs. "
               "[env HPCSERVE_STATE_DIR; config: daemon.state-dir; default ~/.hpcserve]")
 @click.option("--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
@@ -30,7 +33,7 @@ from hpcserve.errors import HpcserveError
               "SLURM_NTASKS, and drain on SIGUSR1 (sbatch --signal=B:USR1@SECONDS).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
-def serve(model, ranks, roles, listen, state_dir, config_path, use_slurm, log_level):
+def serve(model, ranks, roles, listen, http, state_dir, config_path, use_slurm, log_level):
     """Run the control daemon: serve chats and batch jobs from one set of worker ranks.
 
     With --roles prefill:N,decode:M the ranks split into prefill and decode replicas: every
@@ -39,6 +42,11 @@ def serve(model, ranks, roles, listen, state_dir, config_path, use_slurm, log_le
     The daemon launches the workers as one MPI world (`mpiexec -n RANKS hpcserve worker`,
     the venv's mpiexec), relaunches them if they die, keeps batch jobs in a SQLite store in the
     state dir, and writes STATE_DIR/endpoint.json so that `hpcserve chat|submit|status` find it.
+
+    Every call needs an API key of a tenant ([tenants.NAME] in the site config; keys from
+    `hpcserve keys add`). The daemon also mints a key for auth.endpoint-tenant ("default" in
+    the laptop config) and writes it into endpoint.json (0600), so local clients and the
+    openai SDK (api_key from that file, base_url http://HOST:PORT/v1) need no set-up.
     Stop it with SIGTERM or Ctrl-C: chats get drain-timeout-s to finish, unfinished batch lines
     resume on the next start.
     """
@@ -51,7 +59,8 @@ def serve(model, ranks, roles, listen, state_dir, config_path, use_slurm, log_le
     if use_slurm:
         ranks = _slurm_ranks(ranks)
     cfg = load_config(config_path, overrides={"model.path": model, "daemon.ranks": ranks, "disagg.roles": roles,
-                                              "daemon.listen": listen, "daemon.state-dir": state_dir})
+                                              "daemon.listen": listen, "daemon.http": http,
+                                              "daemon.state-dir": state_dir})
     mpiexec = cfg.daemon.mpiexec_path
     if not use_slurm and not Path(mpiexec).is_file():
         raise HpcserveError(f"mpiexec not found at {mpiexec}: install an MPI (`pip install mpich` in this venv) "

@@ -5,14 +5,18 @@ Lifecycle (``serve(config) -> exit code``, one asyncio event loop)::
     start   lock the state dir, open the batch store and recover it (running lines → pending,
             files of closing batches rewritten), resolve the model (the demo is converted once)
             and load its tokenizer
-    listen  one grpc.aio server: Serving (token auth), WorkerLink, grpc.health.v1, reflection;
-            endpoint.json (address, token; 0600) written once the port is bound
-    run     WorkerPool task (launch, watch, relaunch the MPI worker step) and the router's
-            batch feeder; health is SERVING while the workers are ready
-    stop    on SIGTERM/SIGINT: endpoint marked draining, health NOT_SERVING, new streams refused,
+    listen  one grpc.aio server (TLS when [tls] is set): Serving (API keys → tenants),
+            WorkerLink, grpc.health.v1, reflection; the OpenAI-compatible HTTP API when
+            daemon.http is set (same admission, router and store); endpoint.json (address, the
+            key minted for auth.endpoint-tenant, HTTP address, TLS trust root; 0600) written
+            once the ports are bound
+    run     WorkerPool task (launch, watch, relaunch the MPI worker step), the router's batch
+            feeder and the usage flusher (per-tenant usage → the store every few seconds);
+            health is SERVING while the workers are ready
+    stop    on SIGTERM/SIGINT or an admin's Drain RPC: endpoint marked draining, health NOT_SERVING, new streams refused,
             batch lines aborted and requeued at once (they resume on the next start), chats
             get ``drain_timeout_s`` to finish; then the workers are shut down, pending store
-            writes flushed, the endpoint file removed; exit 0. A second signal skips the wait.
+            writes and usage flushed, the endpoint file removed; exit 0. A second signal skips the wait.
             If the worker step cannot be kept alive (``WorkerPool.fatal``) the daemon stops the
             same way and exits 1.
 
@@ -23,9 +27,9 @@ next start recovers it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -36,6 +40,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hpcserve.api.v1 import serving_pb2, serving_pb2_grpc, worker_pb2_grpc
+from hpcserve.daemon.usage import flush as flush_usage
+from hpcserve.daemon.usage import run_flusher
 from hpcserve.errors import HpcserveError
 
 log = logging.getLogger("hpcserve.daemon")
@@ -88,35 +94,47 @@ class _Daemon:
         self.signals = 0
 
     async def run(self) -> int:
-        from hpcserve.api.auth import TokenAuthInterceptor
+        from hpcserve.api.admission import Admission
+        from hpcserve.api.auth import TenantAuthInterceptor
         from hpcserve.api.batch_api import BatchApi
         from hpcserve.api.servicer import ServingServicer
         from hpcserve.daemon.batches import BatchStore
         from hpcserve.daemon.endpoint import write_endpoint
+        from hpcserve.daemon.limits import Limiter
         from hpcserve.daemon.router import Router
+        from hpcserve.daemon.tenants import Tenants
+        from hpcserve.daemon.tls import bind_grpc, load_tls
+        from hpcserve.daemon.usage import UsageMeter
+        from hpcserve.daemon.usage_store import utc_day
         from hpcserve.daemon.workers import WorkerPool, launcher_command
 
         cfg = self.config
         state = cfg.daemon.state_path
         state.mkdir(parents=True, exist_ok=True)
+        tls = load_tls(cfg.tls.cert_file, cfg.tls.key_file)
+        tenants = Tenants(cfg.tenants, cfg.keys_path)
         store = BatchStore(state)
         store.recover()
+        meter = UsageMeter(initial_tokens_today=store.tokens_on(utc_day()))
+        limiter = Limiter(cfg.tenants, meter.tokens_today)
         engine_fields = asdict(cfg.engine_config())
         frontend, model_name, model_dir = await asyncio.to_thread(_load_frontend, engine_fields)
         engine_fields["model"] = str(model_dir)  # workers load the resolved directory
-        token = secrets.token_urlsafe(24)
+        token = tenants.mint_key(cfg.auth.endpoint_tenant) if cfg.auth.endpoint_tenant else None
 
         router = Router(frontend, store, model_name,
                         batch_watermark=cfg.daemon.batch_watermark or cfg.engine.max_num_seqs,
                         chat_kv_reserve=cfg.daemon.chat_kv_reserve,
                         dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas,
-                        chat_pack_limit=cfg.daemon.chat_pack_limit)
-        server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=[
+                        chat_pack_limit=cfg.daemon.chat_pack_limit, meter=meter)
+        router.exclude_tenants = limiter.exhausted_tenants  # over the daily quota: their lines wait
+        admission = Admission(router, frontend, tenants, limiter, model_name, cfg.model.path)
+        server = grpc.aio.server(interceptors=[TenantAuthInterceptor(tenants)], options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20),
             ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail, not share it
         host, port = cfg.daemon.host_port
         try:
-            bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            bound = bind_grpc(server, host, port, tls)
         except RuntimeError:
             bound = 0
         if not bound:
@@ -129,12 +147,13 @@ class _Daemon:
             num_ranks=cfg.daemon.ranks, launcher=launcher, engine_fields=engine_fields,
             link_address=address, log_dir=state / "logs", restart_limit=cfg.daemon.worker_restart_limit,
             start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router, disagg=_disagg_spec(cfg),
-            launch_env=_slurm_env(slurm))
+            launch_env=_slurm_env(slurm), tls_ca_pem=tls.cert_pem.decode() if tls else None)
         router.pool = pool
         servicer = ServingServicer(
-            router=router, frontend=frontend, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
-            model_name=model_name, model_path=cfg.model.path, num_ranks=cfg.daemon.ranks, state_dir=str(state),
-            allocation=_allocation_info())
+            admission=admission, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
+            num_ranks=cfg.daemon.ranks, state_dir=str(state), allocation=_allocation_info(),
+            usage=functools.partial(_usage_report, store, meter, limiter, pool, time.monotonic()),
+            on_drain=self._on_drain_rpc)
         serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
         worker_pb2_grpc.add_WorkerLinkServicer_to_server(pool, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -144,9 +163,24 @@ class _Daemon:
         reflection.enable_server_reflection(names, server)
         await self._set_health(health_servicer, False)
         await server.start()
-        write_endpoint(state, address, token)
-        log.info("hpcserve daemon listening on %s (state dir %s); launching %d worker rank(s) with %s",
-                 address, state, cfg.daemon.ranks, " ".join(launcher))
+        gateway, http_address = None, None
+        if cfg.daemon.http:
+            from hpcserve.api.openai_http import HttpGateway
+            from hpcserve.config_tables import _parse_listen
+            from hpcserve.daemon.tls import http_ssl_context
+
+            gateway = HttpGateway(admission, store, cfg.slo.batch_completion_window)
+            http_host, http_port = _parse_listen(cfg.daemon.http)
+            try:
+                http_port = await gateway.start(http_host, http_port, http_ssl_context(tls) if tls else None)
+            except HpcserveError:
+                await server.stop(None)
+                raise
+            http_address = f"{_public_host(http_host)}:{http_port}"
+        write_endpoint(state, address, token, http=http_address, tls_ca=tls.cert_path if tls else None)
+        log.info("hpcserve daemon listening on %s%s (state dir %s); launching %d worker rank(s) with %s",
+                 address, f", OpenAI HTTP API on {'https' if tls else 'http'}://{http_address}/v1"
+                 if http_address else "", state, cfg.daemon.ranks, " ".join(launcher))
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -158,6 +192,7 @@ class _Daemon:
         pool_task = asyncio.create_task(pool.run())
         feeder = asyncio.create_task(router.run_feeder())
         health_task = asyncio.create_task(self._track_health(health_servicer, router))
+        flusher = asyncio.create_task(run_flusher(meter, store))
         stop_wait = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait([pool_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         exit_code = 1 if pool.fatal else 0
@@ -188,6 +223,11 @@ class _Daemon:
         pool_task.cancel()
         await asyncio.gather(pool_task, feeder, return_exceptions=True)
         await router.flush_writes()
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        await flush_usage(meter, store)
+        if gateway is not None:
+            await gateway.stop()
         await server.stop(grace=1.0)
         remove_endpoint(state)
         store.close()
@@ -195,6 +235,11 @@ class _Daemon:
             log.error("%s", pool.fatal)
         log.info("stopped")
         return exit_code
+
+    def _on_drain_rpc(self) -> None:
+        log.info("Drain requested by an admin key: draining as on SIGTERM")
+        self.signals = max(self.signals, 1)
+        self.stop_requested.set()
 
     def _on_drain_signal(self) -> None:
         log.info("SIGUSR1: the allocation ends soon (sbatch --signal); draining: batch lines go back to "
@@ -281,3 +326,36 @@ def _slurm_env(slurm) -> dict[str, str]:
     if slurm.mpi4py_mpiabi:
         env["MPI4PY_MPIABI"] = slurm.mpi4py_mpiabi
     return env
+
+
+async def _usage_report(store, meter, limiter, pool, started: float, request,
+                        tenant: str | None) -> serving_pb2.UsageReport:
+    """``GetUsage``: the store's rows (after flushing the meter) plus live counters; ``tenant`` None =
+    every tenant (admin)."""
+    from hpcserve.daemon.usage_store import utc_day
+
+    await flush_usage(meter, store)
+    since = request.since_day or None
+    live = limiter.snapshot()
+    report = serving_pb2.UsageReport()
+    if request.by_day:
+        rows = await asyncio.to_thread(store.usage, tenant, since)
+    else:
+        totals = await asyncio.to_thread(store.usage_totals, tenant, since)
+        rows = [dict(v, tenant=t, day="") for t, v in sorted(totals.items())]
+    names = {r["tenant"] for r in rows}
+    today = utc_day()
+    for name in sorted(set(live) - names):  # configured tenants with no usage yet
+        if tenant is None or name == tenant:
+            rows.append({"tenant": name, "day": "" if not request.by_day else today})
+    for r in rows:
+        t = live.get(r["tenant"], {})
+        report.tenants.append(serving_pb2.TenantUsage(
+            tenant=r["tenant"], day=r.get("day") or "", requests=int(r.get("requests", 0)),
+            input_tokens=int(r.get("input_tokens", 0)), output_tokens=int(r.get("output_tokens", 0)),
+            gpu_seconds=float(r.get("gpu_seconds", 0.0)), tokens_today=int(meter.tokens_today(r["tenant"])),
+            daily_token_quota=int(t.get("daily_token_quota", 0)), active_streams=int(t.get("active_streams", 0))))
+    if tenant is None:  # ranks x daemon uptime, and ranks x step time of the current worker launch
+        report.allocation_gpu_seconds = pool.num_ranks * (time.monotonic() - started)
+        report.busy_gpu_seconds = sum(r.load.busy_time_s for r in pool.replicas.values())
+    return report

@@ -452,7 +452,7 @@ class Allocation(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., end_time: _Optional[int] = ..., seconds_left: _Optional[int] = ..., num_tasks: _Optional[int] = ..., gpus_per_node: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s", "is_ready", "max_model_len", "num_worker_restarts", "state_dir")
+    __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s", "is_ready", "max_model_len", "num_worker_restarts", "state_dir", "tenant", "is_admin")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -463,6 +463,8 @@ class ServerInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     STATE_DIR_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    IS_ADMIN_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     num_ranks: int
@@ -473,4 +475,56 @@ class ServerInfo(_message.Message):
     max_model_len: int
     num_worker_restarts: int
     state_dir: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., num_ranks: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ..., uptime_s: _Optional[float] = ..., is_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., num_worker_restarts: _Optional[int] = ..., state_dir: _Optional[str] = ...) -> None: ...
+    tenant: str
+    is_admin: bool
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., num_ranks: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ..., uptime_s: _Optional[float] = ..., is_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., num_worker_restarts: _Optional[int] = ..., state_dir: _Optional[str] = ..., tenant: _Optional[str] = ..., is_admin: _Optional[bool] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("since_day", "by_day")
+    SINCE_DAY_FIELD_NUMBER: _ClassVar[int]
+    BY_DAY_FIELD_NUMBER: _ClassVar[int]
+    since_day: str
+    by_day: bool
+    def __init__(self, since_day: _Optional[str] = ..., by_day: _Optional[bool] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "day", "requests", "input_tokens", "output_tokens", "gpu_seconds", "tokens_today", "daily_token_quota", "active_streams")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TODAY_FIELD_NUMBER: _ClassVar[int]
+    DAILY_TOKEN_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    day: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    gpu_seconds: float
+    tokens_today: int
+    daily_token_quota: int
+    active_streams: int
+    def __init__(self, tenant: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., tokens_today: _Optional[int] = ..., daily_token_quota: _Optional[int] = ..., active_streams: _Optional[int] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("tenants", "allocation_gpu_seconds", "busy_gpu_seconds")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    allocation_gpu_seconds: float
+    busy_gpu_seconds: float
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., allocation_gpu_seconds: _Optional[float] = ..., busy_gpu_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("is_draining",)
+    IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    is_draining: bool
+    def __init__(self, is_draining: _Optional[bool] = ...) -> None: ...

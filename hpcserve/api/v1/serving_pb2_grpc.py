@@ -80,6 +80,16 @@ class ServingStub:
                 request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/hpcserve.api.v1.Serving/GetUsage',
+                request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.UsageReport.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/hpcserve.api.v1.Serving/Drain',
+                request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainRequest.SerializeToString,
+                response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class ServingServicer:
@@ -143,7 +153,24 @@ class ServingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Model, replicas, load and Slurm allocation of this server.
+        """Model, replicas, load and Slurm allocation of this server (replicas, allocation and
+        state_dir are filled for admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Per-tenant usage: tokens, requests and GPU-seconds. A tenant sees its own; an admin key
+        sees every tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Admin only: drain the daemon as on SIGTERM (batch lines go back to pending, chats
+        finish, then it exits 0).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,6 +223,16 @@ def add_ServingServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.GetServerInfoRequest.FromString,
                     response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.GetUsageRequest.FromString,
+                    response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.UsageReport.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainRequest.FromString,
+                    response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +479,60 @@ class Serving:
             '/hpcserve.api.v1.Serving/GetServerInfo',
             hpcserve_dot_api_dot_v1_dot_serving__pb2.GetServerInfoRequest.SerializeToString,
             hpcserve_dot_api_dot_v1_dot_serving__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hpcserve.api.v1.Serving/GetUsage',
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.GetUsageRequest.SerializeToString,
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.UsageReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hpcserve.api.v1.Serving/Drain',
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainRequest.SerializeToString,
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,155 @@
+"""Admission of chat and completion streams, shared by the gRPC servicer and the OpenAI HTTP
+gateway, so both front ends feed the same router and scheduler with the same rules. No torch.
+
+Interface::
+
+    adm = Admission(router, frontend, tenants, limiter, model_name, model_path)
+    admitted = await adm.admit(principal, model, make_ids, make_params, request_class, req_id)
+    try:
+        async for out in admitted.events():   # the replica's RequestStepOutput messages
+            ...
+    finally:
+        admitted.close()                      # aborts if unfinished; ends the tenant's lease
+
+Lifecycle of ``admit``::
+
+    model served here? → tenant may use it? → daemon draining? → workers ready (≤ ready_wait_s)
+    → make_ids() (chat template / tokenizer) → make_params(num_prompt_tokens) → context length
+    → tenant's priority cap → tenant limits (Limiter.admit: streams, requests and tokens per
+    minute, daily quota; est. tokens = prompt + max_tokens) → router.submit(tenant=...)
+
+Errors are ``ApiError(code, message, retry_after_s)`` with ``code`` one of ``CODES`` (gRPC
+status names in lower case); each front end maps them to its statuses (``GRPC_STATUS``,
+``HTTP_STATUS``). Messages name the field or limit and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hpcserve.api.v1 import serving_pb2 as pb
+from hpcserve.errors import HpcserveError, RequestError
+
+READY_WAIT_S = 30.0
+CODES = ("invalid_argument", "not_found", "already_exists", "unavailable", "unauthenticated",
+         "permission_denied", "resource_exhausted", "failed_precondition", "internal")
+HTTP_STATUS = {"invalid_argument": 400, "not_found": 404, "already_exists": 409, "unavailable": 503,
+               "unauthenticated": 401, "permission_denied": 403, "resource_exhausted": 429,
+               "failed_precondition": 400, "internal": 500}
+
+
+class ApiError(HpcserveError):
+    """A request failed; ``code`` is one of ``CODES``. ``param`` names the offending field."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code = code if code in CODES else "internal"
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.param = param
+
+
+def api_error(exc: Exception) -> ApiError:
+    """Map the package's errors to an ``ApiError`` (RequestError, tenants.AuthError)."""
+    if isinstance(exc, ApiError):
+        return exc
+    code = getattr(exc, "code", None)
+    if isinstance(exc, RequestError):
+        mapped = {"already_exists": "already_exists", "unavailable": "unavailable"}.get(code, "invalid_argument")
+        return ApiError(mapped, str(exc), param=exc.field)
+    if code in CODES:  # AuthError: unauthenticated | permission_denied | resource_exhausted
+        return ApiError(code, str(exc), retry_after_s=getattr(exc, "retry_after_s", None))
+    return ApiError("internal", str(exc))
+
+
+@dataclass
+class Admitted:
+    """One admitted stream: the router's ``Inflight`` plus the tenant's lease."""
+
+    inf: object
+    lease: object
+    prompt_len: int
+    router: object
+    is_finished: bool = field(default=False)
+
+    async def events(self):
+        """The replica's outputs until the request finishes. A lost replica or an engine failure
+        raises ``ApiError`` (unavailable / internal); the last output has ``is_finished``."""
+        from hpcserve.daemon.router import StreamError
+
+        async for ev in self.inf.events():
+            if isinstance(ev, StreamError):
+                raise ApiError(ev.code.name.lower(), ev.message)
+            if ev.is_finished:
+                self.is_finished = True
+                if ev.finish_reason == pb.FINISH_REASON_ERROR:
+                    raise ApiError("internal", ev.error_message or "the replica failed the request")
+            yield ev
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.inf.token_ids)
+
+    def close(self) -> None:
+        """Abort the request if it has not finished (client gone, error) and end the lease."""
+        if not self.is_finished:
+            self.router.abort(self.inf.req_id)
+        self.lease.finish(self.prompt_len + self.num_output_tokens)
+
+
+class Admission:
+    """See the module docstring. ``draining`` is set by the daemon when it stops."""
+
+    def __init__(self, router, frontend, tenants, limiter, model_name: str, model_path: str,
+                 ready_wait_s: float = READY_WAIT_S) -> None:
+        self.router = router
+        self.frontend = frontend
+        self.tenants = tenants
+        self.limiter = limiter
+        self.model_name = model_name
+        self.model_path = model_path
+        self.ready_wait_s = ready_wait_s
+        self.draining = False
+
+    def check_model(self, principal, model: str | None) -> None:
+        """``model`` (empty = the served one) must be served here and allowed for the tenant."""
+        if model and model not in (self.model_name, self.model_path):
+            raise ApiError("not_found", f"model: {model!r} is not served here; this server serves "
+                           f"{self.model_name!r} (GET /v1/models lists it)", param="model")
+        try:
+            self.tenants.check_model(principal, self.model_name)
+        except HpcserveError as exc:
+            raise api_error(exc) from None
+
+    async def admit(self, principal, model: str | None, make_ids: Callable[[], list[int]],
+                    make_params: Callable[[int], object], request_class: int, req_id: str | None) -> Admitted:
+        self.check_model(principal, model)
+        if self.draining:
+            raise ApiError("unavailable", "the server is shutting down; retry on its next start")
+        if not await self.router.wait_ready(self.ready_wait_s):
+            raise ApiError("unavailable", self.not_ready_message())
+        try:
+            ids = make_ids()
+            params = make_params(len(ids))
+            self.frontend.check_length(len(ids), params)
+            asked = "batch" if request_class == pb.REQUEST_CLASS_BATCH else "interactive"
+            cls = pb.REQUEST_CLASS_BATCH if self.tenants.priority_class(principal, asked) == "batch" \
+                else pb.REQUEST_CLASS_INTERACTIVE
+            lease = self.limiter.admit(principal.tenant, len(ids) + params.max_tokens)
+        except HpcserveError as exc:
+            raise api_error(exc) from None
+        try:
+            inf = self.router.submit(req_id, ids, params, cls, tenant=principal.tenant)
+        except HpcserveError as exc:
+            lease.finish(0)
+            raise api_error(exc) from None
+        return Admitted(inf, lease, len(ids), self.router)
+
+    def not_ready_message(self) -> str:
+        pool = self.router.pool
+        if pool is not None and pool.fatal:
+            return f"the worker ranks are down: {pool.fatal}"
+        return (f"the worker ranks are not ready after {self.ready_wait_s:.0f} s (still loading the model, or "
+                "relaunching); retry shortly and see `hpcserve status`")
+

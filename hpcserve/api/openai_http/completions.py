@@ -1,0 +1,148 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI bodies in, OpenAI
+responses out, streamed as server-sent events or returned whole. No torch.
+
+Lifecycle of one request::
+
+    read JSON → ``parse_request_body`` (the batch-line rules plus stream / stream_options)
+    → ``Admission.admit`` (model, tenant, limits, router.submit; interactive class, capped by
+    the tenant's priority) → stream: ``data: <chunk>`` per output with text, a last chunk with
+    finish_reason, an optional usage chunk (``stream_options.include_usage``), ``data: [DONE]``;
+    not streamed: one ``chat.completion`` / ``text_completion`` object (the same builder as
+    batch output lines) → ``Admitted.close()``.
+
+A client that disconnects cancels the handler (aiohttp ``handler_cancellation``), and closing
+the admission aborts the request on its replica. An error after the stream started (a lost
+worker step) is sent as a final ``data: {"error": ...}`` event, which the openai SDK raises.
+A ``max_tokens`` left out means what is left of the context, at most 1024 (as over gRPC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from aiohttp import web
+
+from hpcserve.api.admission import ApiError, api_error
+from hpcserve.api.convert import logprobs_from_proto
+from hpcserve.api.openai_http.server import error_event, read_json
+from hpcserve.api.v1 import serving_pb2 as pb
+from hpcserve.batch.openai_format import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    build_output_line,
+    chat_logprobs,
+    completion_logprobs,
+    new_id,
+    parse_request_body,
+)
+from hpcserve.engine.outputs import RequestOutput
+from hpcserve.errors import RequestError
+
+DEFAULT_MAX_TOKENS = 1024
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post(CHAT_URL, chat_completions)
+    router.add_post(COMPLETIONS_URL, completions)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, CHAT_URL)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, COMPLETIONS_URL)
+
+
+async def _serve(request: web.Request, url: str) -> web.StreamResponse:
+    gw = request.app["gateway"]
+    adm_core, frontend = gw.admission, gw.admission.frontend
+    body = await read_json(request)
+    try:
+        item, stream, include_usage = parse_request_body(url, body)
+    except RequestError as exc:
+        raise api_error(exc) from None
+    if "model" not in body:
+        raise ApiError("invalid_argument", "model: required; GET /v1/models lists the served model", param="model")
+
+    def make_ids() -> list[int]:
+        return frontend.apply_chat_template(item.messages) if item.is_chat else frontend.tokenize(item.prompt)
+
+    def make_params(num_prompt_tokens: int):
+        if not item.max_tokens_defaulted:
+            return item.params
+        return dataclasses.replace(item.params,
+                                   max_tokens=frontend.default_max_tokens(num_prompt_tokens, DEFAULT_MAX_TOKENS))
+
+    admitted = await adm_core.admit(request["principal"], item.model, make_ids, make_params,
+                                    pb.REQUEST_CLASS_INTERACTIVE, None)
+    try:
+        if stream:
+            return await _stream(request, gw, item, admitted, include_usage)
+        return await _whole(gw, item, admitted)
+    finally:
+        admitted.close()
+
+
+async def _whole(gw, item, admitted) -> web.Response:
+    inf = admitted.inf
+    reason = "stop"
+    async for ev in admitted.events():
+        if ev.is_finished:
+            reason = _FINISH.get(ev.finish_reason, "stop")
+    out = RequestOutput(req_id=inf.req_id, prompt_token_ids=inf.prompt_ids, token_ids=inf.token_ids,
+                        text="".join(inf.text), new_token_ids=[], new_text="", finished=True, finish_reason=reason,
+                        num_cached_tokens=inf.num_cached_tokens,
+                        logprobs=inf.logprobs if item.params.logprobs is not None else None)
+    decode = gw.admission.frontend.decode_token
+    body = build_output_line(item, out, gw.admission.model_name, int(time.time()), decode)["response"]["body"]
+    return web.json_response(body)
+
+
+async def _stream(request: web.Request, gw, item, admitted, include_usage: bool) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    chat = item.is_chat
+    rid, created = new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
+    model = item.model or gw.admission.model_name
+    decode = gw.admission.frontend.decode_token
+    want_lps = item.params.logprobs is not None
+
+    def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
+        obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+               "model": model, "choices": [choice] if choice is not None else []}
+        if usage is not None:
+            obj["usage"] = usage
+        return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+    if chat:  # the role first, as OpenAI does
+        await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}))
+    try:
+        async for ev in admitted.events():
+            reason = _FINISH.get(ev.finish_reason, "stop") if ev.is_finished else None
+            if not ev.new_text and not ev.new_token_ids and reason is None:
+                continue
+            lps = None
+            if want_lps and ev.new_logprobs:
+                lp = logprobs_from_proto(ev.new_logprobs)
+                lps = chat_logprobs(lp, decode) if chat else completion_logprobs(lp, decode)
+            if chat:
+                delta = {"content": ev.new_text} if ev.new_text or reason is None else {}
+                choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": ev.new_text, "logprobs": lps, "finish_reason": reason}
+            await resp.write(chunk(choice))
+        if include_usage:
+            n_in, n_out = admitted.prompt_len, admitted.num_output_tokens
+            await resp.write(chunk(None, {"prompt_tokens": n_in, "completion_tokens": n_out,
+                                          "total_tokens": n_in + n_out}))
+    except ApiError as exc:
+        await resp.write(error_event(exc))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
