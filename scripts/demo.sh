@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (SmolLM2-135M-Instruct), as `make demo` runs it:
-# start the daemon with 2 worker ranks, stream a chat answer, run a 20-line batch with a
-# progress bar, print the results, stop the daemon. Run from the repo root after `make install`.
+# start the daemon with 2 worker ranks, stream a chat answer (gRPC CLI, then the openai SDK over
+# the OpenAI-compatible HTTP API), run a 20-line batch with a progress bar, print the results,
+# stop the daemon. Run from the repo root after `make install`.
 #   BIN=.venv/bin  OUT=demo-out  scripts/demo.sh
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
@@ -15,7 +16,7 @@ echo "== preparing the embedded model (the first run converts the GGUF once, ~40
 "$BIN/hpcserve" models demo >/dev/null
 
 echo "== starting the daemon: 2 worker ranks under mpiexec (log: $OUT/daemon.log)"
-"$BIN/hpcserve" serve --model demo --ranks 2 --listen 127.0.0.1:0 >"$OUT/daemon.log" 2>&1 &
+"$BIN/hpcserve" serve --model demo --ranks 2 --listen 127.0.0.1:0 --http 127.0.0.1:0 >"$OUT/daemon.log" 2>&1 &
 daemon=$!
 stop_daemon() {
   if kill -0 "$daemon" 2>/dev/null; then
@@ -35,6 +36,9 @@ echo "== streaming a chat answer"
 echo "user> What is the capital of France?"
 printf "assistant> "
 "$BIN/hpcserve" chat --prompt "What is the capital of France?" --max-tokens 64 --temperature 0
+
+echo "== the same question through the OpenAI-compatible HTTP API (examples/openai_chat.py)"
+"$BIN/python" examples/openai_chat.py "What is the capital of France?"
 
 echo "== running a 20-line batch (OpenAI Batch JSONL; one line is bad on purpose)"
 "$BIN/hpcserve" submit examples/demo_batch.jsonl --wait --progress -o "$OUT/results.jsonl" --errors "$OUT/errors.jsonl"

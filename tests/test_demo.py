@@ -68,6 +68,8 @@ def test_demo_script_runs_the_daemon_end_to_end(tmp_path):
     r = subprocess.run(["bash", "scripts/demo.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "assistant> " in r.stdout and "Paris" in r.stdout.split("assistant> ", 1)[1].splitlines()[0]
+    sdk = r.stdout.split("assistant (openai SDK", 1)[1].splitlines()[0]  # the same greedy answer over HTTP
+    assert sdk.split("> ", 1)[1] == r.stdout.split("assistant> ", 1)[1].splitlines()[0]
     out = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     err = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert len(out) == 19 and len(err) == 1 and err[0]["custom_id"] == "bad-line"
