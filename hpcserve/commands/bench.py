@@ -177,3 +177,26 @@ def disagg_cmd(model, ranks, duration, rate, streams, seed, config_path, chat_tt
     res = run_disagg(model, ranks, duration, rate, streams, seed=seed, config_path=config_path,
                      ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo)
     click.echo(json.dumps(res) if as_json else render_table(res))
+
+
+@bench.command("api", short_help="The OpenAI-compatible HTTP API vs gRPC on one daemon: TTFT, latency, tok/s.")
+@click.option("--model", default="demo", show_default=True, help="HF directory, .gguf file, or 'demo'.")
+@click.option("--ranks", default=1, show_default=True, type=click.IntRange(1), help="Worker ranks of the daemon.")
+@click.option("--requests", default=12, show_default=True, type=click.IntRange(1),
+              help="Sequential request pairs (one gRPC, one HTTP, same prompt, alternating order).")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1),
+              help="Streams at once in the concurrent phase.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1),
+              help="Tokens per request (EOS ignored, so every request makes exactly this many).")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1),
+              help="Concurrent rounds per front end (alternating; each front end's best round counts).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def api_cmd(model, ranks, requests, concurrency, max_tokens, rounds, as_json) -> None:
+    """Measure what the OpenAI-compatible HTTP front end (SSE) costs against gRPC: one daemon
+    serves both; the same greedy requests go through each, sequentially (TTFT and latency
+    medians) and concurrently (tokens/s); both must give identical text. Prints HTTP/gRPC ratios."""
+    from hpcserve.bench.api import format_table, run_api_bench
+
+    say = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
+    res = run_api_bench(model, ranks, requests, concurrency, max_tokens, rounds, say=say or (lambda m: None))
+    click.echo(json.dumps(res) if as_json else format_table(res))
