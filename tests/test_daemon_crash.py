@@ -100,7 +100,9 @@ def test_sigkill_one_worker_rank_mid_batch(tiny_model_factory, tmp_path):
         assert got_tokens.wait(60)
         ranks = worker_rank_pids(d.proc.pid)
         assert len(ranks) == 2, ranks
-        os.kill(ranks[1], signal.SIGKILL)
+        for pid in ranks:  # freeze both first, so the chat cannot finish before the failure is seen
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(ranks[1], signal.SIGKILL)  # the daemon kills the frozen rank 0 with the failed launch
         t.join(60)
         assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE, outcome
         assert "relaunching" in outcome["details"] and "retry" in outcome["details"]
