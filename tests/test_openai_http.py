@@ -315,6 +315,24 @@ def _cli(site, *args, key: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=env, check=False)
 
 
+def test_admin_manages_keys_through_the_daemon(site):
+    made = _cli(site, "keys", "add", "--remote", "--tenant", "bob", "--note", "remote")  # endpoint.json: admin
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert _client(site, key).models.list().data  # works at once: the daemon re-reads what it wrote
+    listed = _cli(site, "keys", "list", "--remote", "--json", "--tenant", "bob")
+    row = next(k for k in json.loads(listed.stdout) if k["note"] == "remote")
+    assert row["status"] == "active" and key.startswith(row["hint"].rstrip("…"))
+    assert key not in (site["config"].parent / "keys.json").read_text()  # only the digest is stored
+    denied = _cli(site, "keys", "add", "--remote", "--tenant", "alice", key=site["keys"]["alice"])
+    assert denied.returncode == 2 and "admin" in denied.stderr
+    unknown = _cli(site, "keys", "add", "--remote", "--tenant", "nobody")
+    assert unknown.returncode == 2 and "nobody" in unknown.stderr and "tenants" in unknown.stderr
+    assert _cli(site, "keys", "revoke", "--remote", row["key_id"]).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        _client(site, key).models.list()
+
+
 def test_status_tenants_and_drain_from_the_cli(site):  # last in the module: it drains the daemon
     mine = _cli(site, "status", "--tenants", "--json", key=site["keys"]["alice"])
     assert mine.returncode == 0, mine.stderr

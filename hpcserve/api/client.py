@@ -9,6 +9,7 @@ Interface::
     client.iter_batch_results(id, follow=False) -> Iterator[(custom_id, json_str, is_error)]
     client.server_info() -> serving_pb2.ServerInfo
     client.usage(since_day=None, by_day=False) -> serving_pb2.UsageReport;  client.drain() -> bool
+    client.create_key(tenant, note) / list_keys(tenant=None) / revoke_key(key_id)   # admin keys
     client.chat_stream(messages, max_tokens=None, temperature=None, request_id=None, ...)
     client.complete_stream(prompt, ...) -> Iterator[chunk];  client.abort(request_id) -> bool
     client.close()   # or use it as a context manager
@@ -438,6 +439,16 @@ class Client:
     def usage(self, since_day: str | None = None, by_day: bool = False) -> serving_pb2.UsageReport:
         """Per-tenant usage (every tenant with an admin key, else the caller's own)."""
         return self._unary("GetUsage", serving_pb2.GetUsageRequest(since_day=since_day or "", by_day=by_day))
+
+    def create_key(self, tenant: str, note: str = "") -> serving_pb2.CreateKeyResponse:
+        """Admin keys only: a new key for ``tenant`` (``.key``, shown once; ``.info``)."""
+        return self._unary("CreateKey", serving_pb2.CreateKeyRequest(tenant=tenant, note=note))
+
+    def list_keys(self, tenant: str | None = None) -> list[serving_pb2.ApiKeyInfo]:
+        return list(self._unary("ListKeys", serving_pb2.ListKeysRequest(tenant=tenant or "")).keys)
+
+    def revoke_key(self, key_id: str) -> serving_pb2.ApiKeyInfo:
+        return self._unary("RevokeKey", serving_pb2.RevokeKeyRequest(key_id=key_id))
 
     def drain(self) -> bool:
         """Ask the daemon to drain and stop (admin keys only)."""

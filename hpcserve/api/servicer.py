@@ -17,7 +17,7 @@ draining), PERMISSION_DENIED (model or RPC not allowed for the tenant), RESOURCE
 request). A stream that ends early for any reason (client cancel, disconnect, error) aborts
 its request on the replica, which frees its KV blocks.
 
-Admin keys only: ``Drain``; the replicas, allocation and state dir in ``GetServerInfo``; every
+Admin keys only: ``Drain``; ``CreateKey`` / ``ListKeys`` / ``RevokeKey`` (the daemon's keys file); the replicas, allocation and state dir in ``GetServerInfo``; every
 tenant's rows in ``GetUsage`` (other keys get their own tenant's).
 
 Batch RPCs are delegated to ``api.batch_api.BatchApi``; submits and cancels wake the router.
@@ -190,6 +190,41 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         if self.on_drain is not None:
             self.on_drain()
         return pb.DrainResponse(is_draining=True)
+
+    # ------------------------------------------------------------------ keys (admin)
+    async def _keys_call(self, context, what: str, fn):
+        await self._require_admin(context, what)
+        keys_file = self.tenants.keys_file
+        if keys_file is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this daemon has no keys file (auth.keys-file)")
+        try:
+            out = await asyncio.to_thread(fn, keys_file)
+        except HpcserveError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, " ".join(str(exc).split()))
+        self.tenants.reload_now()
+        return out
+
+    async def CreateKey(self, request, context):
+        if request.tenant not in self.tenants.names:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"tenant: {request.tenant!r} is not defined in the daemon's site config "
+                                f"(defined: {', '.join(self.tenants.names)}); add [tenants.{request.tenant or 'NAME'}]")
+        key, rec = await self._keys_call(context, "CreateKey", lambda kf: kf.add(request.tenant, request.note))
+        return pb.CreateKeyResponse(key=key, info=_key_info(rec))
+
+    async def ListKeys(self, request, context):
+        records = await self._keys_call(context, "ListKeys", lambda kf: kf.records())
+        return pb.ListKeysResponse(keys=[_key_info(r) for r in records
+                                         if not request.tenant or r.tenant == request.tenant])
+
+    async def RevokeKey(self, request, context):
+        rec = await self._keys_call(context, "RevokeKey", lambda kf: kf.revoke(request.key_id))
+        return _key_info(rec)
+
+
+def _key_info(rec) -> pb.ApiKeyInfo:
+    return pb.ApiKeyInfo(key_id=rec.key_id, tenant=rec.tenant, hint=rec.hint, created_at=int(rec.created_at),
+                         revoked_at=int(rec.revoked_at or 0), note=rec.note)
 
 
 def _metrics(inf) -> pb.RequestMetrics:

@@ -1,8 +1,12 @@
 """``hpcserve keys add | list | revoke``: the site admin's API keys for tenants.
 
 Interface: the click group ``keys`` (registered by ``hpcserve.cli``) with the commands ``add``,
-``list`` and ``revoke``. Each works on the keys file only (``hpcserve.daemon.keys.KeysFile``), so
-it needs no running daemon; a running daemon re-reads the file within about a second.
+``list`` and ``revoke``. Each works on the keys file (``hpcserve.daemon.keys.KeysFile``), so it
+needs no running daemon; a running daemon re-reads the file within about a second. With
+``--remote`` they go through the running daemon instead (``CreateKey`` / ``ListKeys`` /
+``RevokeKey``, admin keys only: ``HPCSERVE_API_KEY`` or the endpoint.json key), for admins
+without write access to the keys file; the daemon is found like every client command finds it
+(``--endpoint``, ``HPCSERVE_ENDPOINT``, the state dir of ``--state-dir`` / ``--config``).
 
 Which file: ``--keys-file PATH``; else the site config's ``SiteConfig.keys_path`` (``--config
 FILE``: its ``auth.keys-file``, or ``<daemon.state-dir>/keys.json``); else
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +35,10 @@ F = TypeVar("F", bound=Callable)
 
 
 def _file_options(f: F) -> F:
+    f = click.option("--remote", is_flag=True, help="Go through the running daemon (admin key from "
+                     "HPCSERVE_API_KEY or endpoint.json) instead of editing the keys file.")(f)
+    f = click.option("--endpoint", metavar="HOST:PORT", default=None,
+                     help="With --remote: the daemon's address (default: its state dir's endpoint.json).")(f)
     f = click.option("--keys-file", "keys_file", metavar="PATH", type=click.Path(dir_okay=False, path_type=Path),
                      default=None, help="The keys file itself; overrides the config's auth.keys-file and the "
                                         "state dir.")(f)
@@ -48,6 +57,35 @@ def _site(config_path: str | None, state_dir: str | None, keys_file: Path | None
 
     cfg = load_config(config_path, overrides={"daemon.state-dir": state_dir})
     return cfg, (keys_file.expanduser() if keys_file is not None else cfg.keys_path)
+
+
+def _client(endpoint: str | None, config_path: str | None, state_dir: str | None):
+    """--remote: a client of the running daemon (found through the site config's state dir)."""
+    from hpcserve.api.client import Client
+
+    if state_dir is None and config_path is not None:
+        from hpcserve.config import load_config
+
+        state_dir = str(load_config(config_path).daemon.state_path)
+    return Client.connect(endpoint, state_dir)
+
+
+@dataclass(frozen=True)
+class _Row:  # a key as listed (from the file's KeyRecord or the daemon's ApiKeyInfo)
+    key_id: str
+    tenant: str
+    hint: str
+    created_at: float
+    revoked_at: float | None
+    note: str
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    @classmethod
+    def of_info(cls, k) -> _Row:
+        return cls(k.key_id, k.tenant, k.hint, float(k.created_at), float(k.revoked_at) or None, k.note)
 
 
 def _when(ts: float | None) -> str:
@@ -74,11 +112,20 @@ def keys() -> None:
                                                               "site config.")
 @click.option("--note", default="", metavar="TEXT", help="Free text shown by `keys list`, e.g. who holds the key.")
 @_file_options
-def add(tenant: str, note: str, config_path: str | None, state_dir: str | None, keys_file: Path | None) -> None:
+def add(tenant: str, note: str, config_path: str | None, state_dir: str | None, keys_file: Path | None,
+        endpoint: str | None, remote: bool) -> None:
     """Issue a new API key for the tenant --tenant NAME and print it on stdout (only the key, so
     KEY=$(hpcserve keys add --tenant NAME) captures it). Store it now: the keys file keeps only
     its SHA-256 digest, so it cannot be shown again (revoke it and add another if lost)."""
     from hpcserve.daemon.keys import KeysFile
+
+    if remote:
+        with _client(endpoint, config_path, state_dir) as client:
+            resp = client.create_key(tenant, note)
+        click.echo(resp.key)
+        click.echo(f"hpcserve keys: the daemon added {resp.info.key_id} for tenant {tenant}; store the key now "
+                   "(only its hash is kept); it works at once", err=True)
+        return
 
     cfg, path = _site(config_path, state_dir, keys_file)
     if tenant not in cfg.tenants:
@@ -97,13 +144,18 @@ def add(tenant: str, note: str, config_path: str | None, state_dir: str | None, 
 @click.option("--tenant", default=None, metavar="NAME", help="Only this tenant's keys.")
 @_file_options
 def list_keys(as_json: bool, tenant: str | None, config_path: str | None, state_dir: str | None,
-              keys_file: Path | None) -> None:
+              keys_file: Path | None, endpoint: str | None, remote: bool) -> None:
     """List the keys in the keys file: id, tenant, hint (the first characters of the key), creation
     time (UTC), status (active or revoked) and note. The keys themselves are not stored."""
     from hpcserve.daemon.keys import KeysFile
 
-    cfg, path = _site(config_path, state_dir, keys_file)
-    records = [r for r in KeysFile(path).records() if tenant is None or r.tenant == tenant]
+    if remote:
+        with _client(endpoint, config_path, state_dir) as client:
+            records = [_Row.of_info(k) for k in client.list_keys(tenant)]
+        cfg, path = None, "the daemon's keys file"
+    else:
+        cfg, path = _site(config_path, state_dir, keys_file)
+        records = [r for r in KeysFile(path).records() if tenant is None or r.tenant == tenant]
     if as_json:
         rows = [{"key_id": r.key_id, "tenant": r.tenant, "hint": r.hint, "created_at": r.created_at,
                  "revoked_at": r.revoked_at, "status": "active" if r.is_active else "revoked", "note": r.note}
@@ -118,7 +170,7 @@ def list_keys(as_json: bool, tenant: str | None, config_path: str | None, state_
             click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     else:
         click.echo(f"hpcserve keys: no keys{f' of tenant {tenant}' if tenant else ''} in {path}", err=True)
-    orphans = sorted({r.tenant for r in records if r.is_active and r.tenant not in cfg.tenants})
+    orphans = sorted({r.tenant for r in records if r.is_active and r.tenant not in cfg.tenants}) if cfg else []
     if orphans:
         click.echo(f"hpcserve keys: note: tenant(s) {', '.join(orphans)} are not defined in "
                    f"{config_path or 'the built-in site config (pass --config FILE)'}; a daemon with that config "
@@ -128,12 +180,17 @@ def list_keys(as_json: bool, tenant: str | None, config_path: str | None, state_
 @keys.command("revoke", short_help="Revoke a key by its id.")
 @click.argument("key_id", metavar="KEY_ID")
 @_file_options
-def revoke(key_id: str, config_path: str | None, state_dir: str | None, keys_file: Path | None) -> None:
+def revoke(key_id: str, config_path: str | None, state_dir: str | None, keys_file: Path | None,
+           endpoint: str | None, remote: bool) -> None:
     """Revoke the key KEY_ID (as shown by `hpcserve keys list`). A running daemon refuses it within
     about a second. Revoking a revoked key changes nothing."""
     from hpcserve.daemon.keys import KeysFile
 
-    _, path = _site(config_path, state_dir, keys_file)
-    rec = KeysFile(path).revoke(key_id)
+    if remote:
+        with _client(endpoint, config_path, state_dir) as client:
+            rec = _Row.of_info(client.revoke_key(key_id))
+    else:
+        _, path = _site(config_path, state_dir, keys_file)
+        rec = KeysFile(path).revoke(key_id)
     click.echo(f"hpcserve keys: {rec.key_id} (tenant {rec.tenant}) is revoked since {_when(rec.revoked_at)} UTC; "
                "a running daemon refuses it within a second", err=True)

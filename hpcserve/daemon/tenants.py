@@ -151,6 +151,16 @@ class Tenants:
                             "unauthenticated")
         return Principal(tenant, key_id, policy)
 
+    @property
+    def keys_file(self) -> KeysFile | None:
+        """The keys file this daemon reads (None: keys only from ``mint_key``)."""
+        return self._file
+
+    def reload_now(self) -> None:
+        """Re-read the keys file at the next ``authenticate`` (after this process edited it)."""
+        with self._lock:
+            self._checked = time.monotonic() - self._interval - 1.0
+
     # ------------------------------------------------------------------------------ policy
     def check_model(self, principal: Principal, model: str) -> None:
         if not principal.policy.allows_model(model):

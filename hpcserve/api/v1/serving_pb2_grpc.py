@@ -90,6 +90,21 @@ class ServingStub:
                 request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainRequest.SerializeToString,
                 response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/hpcserve.api.v1.Serving/CreateKey',
+                request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/hpcserve.api.v1.Serving/ListKeys',
+                request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/hpcserve.api.v1.Serving/RevokeKey',
+                request_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ApiKeyInfo.FromString,
+                _registered_method=True)
 
 
 class ServingServicer:
@@ -176,6 +191,26 @@ class ServingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """Admin only: issue a key for a tenant (the key is in the response, once), list keys, revoke
+        one. They edit the daemon's keys file (auth.keys-file), as `hpcserve keys` does locally.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +268,21 @@ def add_ServingServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainRequest.FromString,
                     response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.CreateKeyRequest.FromString,
+                    response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ListKeysRequest.FromString,
+                    response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=hpcserve_dot_api_dot_v1_dot_serving__pb2.ApiKeyInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -533,6 +583,87 @@ class Serving:
             '/hpcserve.api.v1.Serving/Drain',
             hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainRequest.SerializeToString,
             hpcserve_dot_api_dot_v1_dot_serving__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hpcserve.api.v1.Serving/CreateKey',
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.CreateKeyRequest.SerializeToString,
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hpcserve.api.v1.Serving/ListKeys',
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.ListKeysRequest.SerializeToString,
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hpcserve.api.v1.Serving/RevokeKey',
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.RevokeKeyRequest.SerializeToString,
+            hpcserve_dot_api_dot_v1_dot_serving__pb2.ApiKeyInfo.FromString,
             options,
             channel_credentials,
             insecure,
