@@ -50,3 +50,18 @@ def tiny_model_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def fixed_env(monkeypatch, tmp_path_factory):
+    """Render sbatch scripts as user alice with no HPCSERVE_* overrides, so the output is
+    machine-independent (the sbatch tests; their other shared parts are in sbatch_harness.py)."""
+    from sbatch_harness import FAKE_ENV
+
+    from hpcserve.config import ENV_VARS
+
+    tmp_path_factory.getbasetemp()  # named after the real user, before USER changes
+    for k, v in FAKE_ENV.items():
+        monkeypatch.setenv(k, v)
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
