@@ -7,6 +7,24 @@ import json
 import click
 
 
+def _workload_options(config_note: str):
+    """--seed, --config, --chat-ttft-slo, --chat-itl-slo and --json: shared by the benchmarks that
+    start daemons and drive a chat workload against SLOs (mixed, disagg)."""
+    def deco(f):
+        f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")(f)
+        f = click.option("--chat-itl-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+                         help="Chat ITL SLO for attainment and goodput [default: the config's slo.chat-itl-p99-s].")(f)
+        f = click.option("--chat-ttft-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+                         help="Chat TTFT SLO for attainment and goodput [default: the config's "
+                              "slo.chat-ttft-p99-s].")(f)
+        f = click.option("--config", "config_path", default=None, metavar="FILE",
+                         type=click.Path(dir_okay=False, exists=True),
+                         help=f"Site config TOML for the daemons ({config_note}).")(f)
+        return click.option("--seed", default=0, show_default=True, type=int,
+                            help="Seed of the workload (arrivals, lengths, ids).")(f)
+    return deco
+
+
 @click.group()
 def bench() -> None:
     """Benchmarks. Each runs its baseline in the same invocation and prints ratios."""
@@ -91,14 +109,7 @@ max_tokens {m.BATCH_OUTPUT_LEN[0]}-{m.BATCH_OUTPUT_LEN[1]}
               help="Measurement window of each mode, seconds.")
 @click.option("--batch-lines", default=256, show_default=True, type=click.IntRange(1),
               help="Lines in the batch submitted in batch_only, shared and split.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the workload (arrivals, lengths, ids).")
-@click.option("--config", "config_path", default=None, metavar="FILE", type=click.Path(dir_okay=False, exists=True),
-              help="Site config TOML for the daemons (the benchmark sets the SLO and split keys).")
-@click.option("--chat-ttft-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-              help="Chat TTFT SLO [default: the config's slo.chat-ttft-p99-s].")
-@click.option("--chat-itl-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-              help="Chat ITL SLO [default: the config's slo.chat-itl-p99-s].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_workload_options("the benchmark sets the SLO and split keys")
 def mixed_cmd(model, ranks, chat_rate, duration, batch_lines, seed, config_path, chat_ttft_slo, chat_itl_slo,
               as_json) -> None:
     from hpcserve.bench.loadgen import run_mixed
@@ -161,14 +172,7 @@ tokens) arrive as a Poisson
               help="Long-prompt arrivals per second (Poisson).")
 @click.option("--streams", default=8, show_default=True, type=click.IntRange(1),
               help="Stream slots (concurrent decode-heavy requests) during the window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the workload (arrivals, lengths, ids).")
-@click.option("--config", "config_path", default=None, metavar="FILE", type=click.Path(dir_okay=False, exists=True),
-              help="Site config TOML for both daemons (the benchmark sets the SLO keys and disagg.roles).")
-@click.option("--chat-ttft-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-              help="TTFT SLO for goodput [default: the config's slo.chat-ttft-p99-s].")
-@click.option("--chat-itl-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-              help="ITL SLO for goodput [default: the config's slo.chat-itl-p99-s].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
+@_workload_options("the benchmark sets the SLO keys and disagg.roles")
 def disagg_cmd(model, ranks, duration, rate, streams, seed, config_path, chat_ttft_slo, chat_itl_slo,
                as_json) -> None:
     from hpcserve.bench.disagg import render_table
