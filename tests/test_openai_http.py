@@ -47,6 +47,9 @@ daily-token-quota = 120
 
 [tenants.nomodel]
 models = ["some-other-model"]
+
+[tenants.batchonly]
+max-priority = "batch"
 """
 
 
@@ -68,7 +71,7 @@ def site(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-http")
     config = root / "site.toml"
     config.write_text(TENANTS.format(keys=root / "keys.json"))
-    keys = {t: _keys(config, "add", "--tenant", t) for t in ("alice", "bob", "limited", "quota", "nomodel")}
+    keys = {t: _keys(config, "add", "--tenant", t) for t in ("alice", "bob", "limited", "quota", "nomodel", "batchonly")}
     d = Daemon(root / "state", tiny_model_factory("llama"), ranks=1,
                extra_args=("--config", str(config), "--http", "127.0.0.1:0")).start()
     ep = json.loads((root / "state" / "endpoint.json").read_text())
@@ -259,6 +262,23 @@ def test_daily_token_quota_is_enforced(site):
     usage = site["daemon"].stub.GetUsage(pb.GetUsageRequest(), metadata=_grpc_md(site["keys"]["quota"]), timeout=10)
     row = next(t for t in usage.tenants if t.tenant == "quota")
     assert row.tokens_today == used and row.daily_token_quota == 120 and row.requests == served
+
+
+def test_priority_cap_schedules_a_tenants_chats_as_batch(site):
+    d = site["daemon"]
+
+    def last_chunk(tenant: str, request_class=pb.REQUEST_CLASS_UNSPECIFIED):
+        req = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")], request_class=request_class,
+                             sampling_params=pb.SamplingParams(max_tokens=2, temperature=0))
+        return list(d.stub.Chat(req, metadata=_grpc_md(site["keys"][tenant]), timeout=300))[-1]
+
+    assert last_chunk("alice").metrics.request_class == pb.REQUEST_CLASS_INTERACTIVE
+    assert last_chunk("alice", pb.REQUEST_CLASS_BATCH).metrics.request_class == pb.REQUEST_CLASS_BATCH
+    capped = last_chunk("batchonly", pb.REQUEST_CLASS_INTERACTIVE)  # asks for interactive, runs as batch
+    assert capped.metrics.request_class == pb.REQUEST_CLASS_BATCH and capped.usage.completion_tokens >= 1
+    r = _client(site, "batchonly").chat.completions.create(model="", messages=[{"role": "user", "content": "x"}],
+                                                           max_tokens=2)  # served over HTTP too, never refused
+    assert r.usage.completion_tokens >= 1
 
 
 def test_model_permission_and_bad_input(site):

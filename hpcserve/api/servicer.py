@@ -231,7 +231,8 @@ def _metrics(inf) -> pb.RequestMetrics:
     """Where the request ran and its KV handoff, for the last chunk."""
     decode = inf.replica.replica_id
     m = pb.RequestMetrics(prefill_replica_id=inf.prefill.replica_id if inf.disaggregated else decode,
-                          decode_replica_id=decode, disaggregated=inf.disaggregated)
+                          decode_replica_id=decode, disaggregated=inf.disaggregated,
+                          request_class=inf.request_class)
     if inf.disaggregated:
         m.kv_handoff_s, m.kv_handoff_bytes = inf.kv_handoff_s, inf.kv_handoff_bytes
         m.kv_handoff_failed = inf.kv_result is False

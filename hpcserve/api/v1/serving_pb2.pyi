@@ -108,20 +108,22 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RequestMetrics(_message.Message):
-    __slots__ = ("prefill_replica_id", "decode_replica_id", "disaggregated", "kv_handoff_s", "kv_handoff_bytes", "kv_handoff_failed")
+    __slots__ = ("prefill_replica_id", "decode_replica_id", "disaggregated", "kv_handoff_s", "kv_handoff_bytes", "kv_handoff_failed", "request_class")
     PREFILL_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_S_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
     prefill_replica_id: int
     decode_replica_id: int
     disaggregated: bool
     kv_handoff_s: float
     kv_handoff_bytes: int
     kv_handoff_failed: bool
-    def __init__(self, prefill_replica_id: _Optional[int] = ..., decode_replica_id: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., kv_handoff_s: _Optional[float] = ..., kv_handoff_bytes: _Optional[int] = ..., kv_handoff_failed: _Optional[bool] = ...) -> None: ...
+    request_class: RequestClass
+    def __init__(self, prefill_replica_id: _Optional[int] = ..., decode_replica_id: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., kv_handoff_s: _Optional[float] = ..., kv_handoff_bytes: _Optional[int] = ..., kv_handoff_failed: _Optional[bool] = ..., request_class: _Optional[_Union[RequestClass, str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
