@@ -143,6 +143,29 @@ def test_completions_streamed_and_not(site):
     assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_n_choices_whole_and_streamed(site):
+    c = _client(site, "alice")
+    msgs = [{"role": "user", "content": "Pick a random animal"}]
+    one = c.chat.completions.create(model="", messages=msgs, max_tokens=8, temperature=0)
+    three = c.chat.completions.create(model="", messages=msgs, max_tokens=8, temperature=0, n=3)
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    assert {ch.message.content for ch in three.choices} == {one.choices[0].message.content}  # greedy: all equal
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    seeded = {"model": "", "messages": msgs, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 2}
+    a, b = c.chat.completions.create(**seeded), c.chat.completions.create(**seeded)
+    assert [x.message.content for x in a.choices] == [x.message.content for x in b.choices]  # reproducible
+    parts: dict[int, list[str]] = {0: [], 1: []}
+    for ch in c.chat.completions.create(**seeded, stream=True):
+        for choice in ch.choices:
+            parts[choice.index].append(choice.delta.content or "")
+    assert ["".join(parts[i]) for i in (0, 1)] == [x.message.content for x in a.choices]
+    for bad in (0, 17):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model="", messages=msgs, n=bad)
+        assert "n:" in err.value.message
+
+
 # ---------------------------------------------------------------------- batches and files
 def _run_batch(client, lines: list[str], timeout: float = 300):
     f = client.files.create(file=("in.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")

@@ -25,6 +25,7 @@ status names in lower case); each front end maps them to its statuses (``GRPC_ST
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ class Admitted:
     prompt_len: int
     router: object
     is_finished: bool = field(default=False)
+    is_closed: bool = field(default=False)
 
     async def events(self):
         """The replica's outputs until the request finishes. A lost replica or an engine failure
@@ -92,10 +94,27 @@ class Admitted:
         return len(self.inf.token_ids)
 
     def close(self) -> None:
-        """Abort the request if it has not finished (client gone, error) and end the lease."""
+        """Abort the request if it has not finished (client gone, error) and end the lease. Idempotent."""
+        if self.is_closed:
+            return
+        self.is_closed = True
         if not self.is_finished:
             self.router.abort(self.inf.req_id)
         self.lease.finish(self.prompt_len + self.num_output_tokens)
+
+
+class _GroupLease:
+    """One tenant lease shared by the ``n`` requests of one call: ends when all of them have,
+    with the prompt counted once and every sample's output tokens."""
+
+    def __init__(self, lease, n: int, prompt_len: int) -> None:
+        self.lease, self.left, self.prompt_len, self.tokens = lease, n, prompt_len, prompt_len
+
+    def finish(self, actual_tokens: int | None = None) -> None:
+        self.left -= 1
+        self.tokens += max(0, (actual_tokens or self.prompt_len) - self.prompt_len)
+        if self.left == 0:
+            self.lease.finish(self.tokens)
 
 
 class Admission:
@@ -124,6 +143,13 @@ class Admission:
 
     async def admit(self, principal, model: str | None, make_ids: Callable[[], list[int]],
                     make_params: Callable[[int], object], request_class: int, req_id: str | None) -> Admitted:
+        return (await self.admit_n(principal, model, make_ids, make_params, request_class, req_id, 1))[0]
+
+    async def admit_n(self, principal, model: str | None, make_ids: Callable[[], list[int]],
+                      make_params: Callable[[int], object], request_class: int, req_id: str | None,
+                      n: int) -> list[Admitted]:
+        """``n`` samples of one prompt (OpenAI's ``n``): one tenant request (one lease, estimated at
+        prompt + n x max_tokens), ``n`` router requests; sample i of a seeded request uses seed + i."""
         self.check_model(principal, model)
         if self.draining:
             raise ApiError("unavailable", "the server is shutting down; retry on its next start")
@@ -136,15 +162,24 @@ class Admission:
             asked = "batch" if request_class == pb.REQUEST_CLASS_BATCH else "interactive"
             cls = pb.REQUEST_CLASS_BATCH if self.tenants.priority_class(principal, asked) == "batch" \
                 else pb.REQUEST_CLASS_INTERACTIVE
-            lease = self.limiter.admit(principal.tenant, len(ids) + params.max_tokens)
+            lease = self.limiter.admit(principal.tenant, len(ids) + n * params.max_tokens)
         except HpcserveError as exc:
             raise api_error(exc) from None
+        group = _GroupLease(lease, n, len(ids)) if n > 1 else lease
+        out: list[Admitted] = []
         try:
-            inf = self.router.submit(req_id, ids, params, cls, tenant=principal.tenant)
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                rid = req_id if n == 1 or req_id is None else f"{req_id}-{i}"
+                out.append(Admitted(self.router.submit(rid, ids, p, cls, tenant=principal.tenant), group, len(ids),
+                                    self.router))
         except HpcserveError as exc:
-            lease.finish(0)
+            for a in out:
+                a.close()
+            for _ in range(n - len(out)):
+                group.finish(len(ids))
             raise api_error(exc) from None
-        return Admitted(inf, lease, len(ids), self.router)
+        return out
 
     def not_ready_message(self) -> str:
         pool = self.router.pool

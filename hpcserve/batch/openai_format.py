@@ -3,7 +3,7 @@
 Interface:
 
     parse_line(text, line_no) -> BatchItem          # raises BatchLineError
-    parse_request_body(url, body) -> (BatchItem, stream, include_usage)  # an HTTP /v1 body; RequestError
+    parse_request_body(url, body) -> (BatchItem, stream, include_usage, n)  # an HTTP /v1 body; RequestError
     LineParser().parse(text, line_no) -> BatchItem  # same, plus duplicate custom_id detection
     error_from_request_error(line_no, custom_id, exc: RequestError) -> BatchLineError
     build_output_line(item, out: RequestOutput, model_name, created, decode=None) -> dict
@@ -155,13 +155,22 @@ def parse_line(text: str, line_no: int) -> BatchItem:
         raise fail(exc.code, str(exc)) from None
 
 
-def parse_request_body(url: str, body: Any) -> tuple[BatchItem, bool, bool]:
+MAX_HTTP_N = 16  # choices per HTTP request (batch lines: 1)
+
+
+def parse_request_body(url: str, body: Any) -> tuple[BatchItem, bool, bool, int]:
     """Validate the JSON body of an HTTP ``/v1/chat/completions`` or ``/v1/completions`` request
-    with the same rules as a batch line, plus ``stream`` and ``stream_options.include_usage``.
-    Returns ``(item, stream, include_usage)``; raises ``RequestError`` naming the field."""
+    with the same rules as a batch line, plus ``stream``, ``stream_options.include_usage`` and ``n``
+    (1..``MAX_HTTP_N`` choices). Returns ``(item, stream, include_usage, n)``; raises
+    ``RequestError`` naming the field."""
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object", field="body")
     b = dict(body)
+    n = b.pop("n", None)
+    if n is None:
+        n = 1
+    elif not _is_int(n) or not 1 <= n <= MAX_HTTP_N:
+        raise RequestError(f"n: must be an integer 1..{MAX_HTTP_N}, got {n!r}", field="n")
     stream, opts = b.pop("stream", None), b.pop("stream_options", None)
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(f"stream: must be a boolean, got {stream!r}", field="stream")
@@ -179,7 +188,7 @@ def parse_request_body(url: str, body: Any) -> tuple[BatchItem, bool, bool]:
         msg = str(exc)
         raise RequestError(msg, field=msg.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0],
                            code=exc.code) from None
-    return item, bool(stream), include_usage
+    return item, bool(stream), include_usage, n
 
 
 class _FieldError(Exception):

@@ -10,7 +10,8 @@ Lifecycle of one request::
     not streamed: one ``chat.completion`` / ``text_completion`` object (the same builder as
     batch output lines) → ``Admitted.close()``.
 
-A client that disconnects cancels the handler (aiohttp ``handler_cancellation``), and closing
+``n`` (1..16) samples of one prompt are ``n`` router requests under one tenant lease: choices
+with ``index`` 0..n-1, streamed interleaved as they come. A client that disconnects cancels the handler (aiohttp ``handler_cancellation``), and closing
 the admission aborts the request on its replica. An error after the stream started (a lost
 worker step) is sent as a final ``data: {"error": ...}`` event, which the openai SDK raises.
 A ``max_tokens`` left out means what is left of the context, at most 1024 (as over gRPC).
@@ -18,6 +19,7 @@ A ``max_tokens`` left out means what is left of the context, at most 1024 (as ov
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -62,7 +64,7 @@ async def _serve(request: web.Request, url: str) -> web.StreamResponse:
     adm_core, frontend = gw.admission, gw.admission.frontend
     body = await read_json(request)
     try:
-        item, stream, include_usage = parse_request_body(url, body)
+        item, stream, include_usage, n = parse_request_body(url, body)
     except RequestError as exc:
         raise api_error(exc) from None
     if "model" not in body:
@@ -77,32 +79,47 @@ async def _serve(request: web.Request, url: str) -> web.StreamResponse:
         return dataclasses.replace(item.params,
                                    max_tokens=frontend.default_max_tokens(num_prompt_tokens, DEFAULT_MAX_TOKENS))
 
-    admitted = await adm_core.admit(request["principal"], item.model, make_ids, make_params,
-                                    pb.REQUEST_CLASS_INTERACTIVE, None)
+    choices = await adm_core.admit_n(request["principal"], item.model, make_ids, make_params,
+                                     pb.REQUEST_CLASS_INTERACTIVE, None, n)
     try:
         if stream:
-            return await _stream(request, gw, item, admitted, include_usage)
-        return await _whole(gw, item, admitted)
+            return await _stream(request, gw, item, choices, include_usage)
+        return await _whole(gw, item, choices)
     finally:
-        admitted.close()
+        for c in choices:
+            c.close()
 
 
-async def _whole(gw, item, admitted) -> web.Response:
-    inf = admitted.inf
+async def _collect(admitted) -> str:
     reason = "stop"
     async for ev in admitted.events():
         if ev.is_finished:
             reason = _FINISH.get(ev.finish_reason, "stop")
-    out = RequestOutput(req_id=inf.req_id, prompt_token_ids=inf.prompt_ids, token_ids=inf.token_ids,
-                        text="".join(inf.text), new_token_ids=[], new_text="", finished=True, finish_reason=reason,
-                        num_cached_tokens=inf.num_cached_tokens,
-                        logprobs=inf.logprobs if item.params.logprobs is not None else None)
-    decode = gw.admission.frontend.decode_token
-    body = build_output_line(item, out, gw.admission.model_name, int(time.time()), decode)["response"]["body"]
+    return reason
+
+
+async def _whole(gw, item, choices) -> web.Response:
+    reasons = await asyncio.gather(*(_collect(c) for c in choices))
+    decode, body = gw.admission.frontend.decode_token, None
+    for i, (adm, reason) in enumerate(zip(choices, reasons)):
+        inf = adm.inf
+        out = RequestOutput(req_id=inf.req_id, prompt_token_ids=inf.prompt_ids, token_ids=inf.token_ids,
+                            text="".join(inf.text), new_token_ids=[], new_text="", finished=True,
+                            finish_reason=reason, num_cached_tokens=inf.num_cached_tokens,
+                            logprobs=inf.logprobs if item.params.logprobs is not None else None)
+        one = build_output_line(item, out, gw.admission.model_name, int(time.time()), decode)["response"]["body"]
+        if body is None:
+            body = one
+        else:  # n > 1: the other samples are more choices; the prompt is counted once
+            one["choices"][0]["index"] = i
+            body["choices"].append(one["choices"][0])
+            u = body["usage"]
+            u["completion_tokens"] += one["usage"]["completion_tokens"]
+            u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
     return web.json_response(body)
 
 
-async def _stream(request: web.Request, gw, item, admitted, include_usage: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, gw, item, choices, include_usage: bool) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -119,30 +136,56 @@ async def _stream(request: web.Request, gw, item, admitted, include_usage: bool)
             obj["usage"] = usage
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
+    def choice_of(i: int, ev) -> dict | None:
+        reason = _FINISH.get(ev.finish_reason, "stop") if ev.is_finished else None
+        if not ev.new_text and not ev.new_token_ids and reason is None:
+            return None
+        lps = None
+        if want_lps and ev.new_logprobs:
+            lp = logprobs_from_proto(ev.new_logprobs)
+            lps = chat_logprobs(lp, decode) if chat else completion_logprobs(lp, decode)
+        if chat:
+            delta = {"content": ev.new_text} if ev.new_text or reason is None else {}
+            return {"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}
+        return {"index": i, "text": ev.new_text, "logprobs": lps, "finish_reason": reason}
+
     if chat:  # the role first, as OpenAI does
-        await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}))
+        for i in range(len(choices)):
+            await resp.write(chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}))
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, adm) -> None:
+        try:
+            async for ev in adm.events():
+                queue.put_nowait((i, ev))
+        except ApiError as exc:
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    pumps = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
     try:
-        async for ev in admitted.events():
-            reason = _FINISH.get(ev.finish_reason, "stop") if ev.is_finished else None
-            if not ev.new_text and not ev.new_token_ids and reason is None:
+        open_choices = len(choices)
+        while open_choices:
+            i, ev = await queue.get()
+            if ev is None:
+                open_choices -= 1
                 continue
-            lps = None
-            if want_lps and ev.new_logprobs:
-                lp = logprobs_from_proto(ev.new_logprobs)
-                lps = chat_logprobs(lp, decode) if chat else completion_logprobs(lp, decode)
-            if chat:
-                delta = {"content": ev.new_text} if ev.new_text or reason is None else {}
-                choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": ev.new_text, "logprobs": lps, "finish_reason": reason}
-            await resp.write(chunk(choice))
-        if include_usage:
-            n_in, n_out = admitted.prompt_len, admitted.num_output_tokens
-            await resp.write(chunk(None, {"prompt_tokens": n_in, "completion_tokens": n_out,
-                                          "total_tokens": n_in + n_out}))
-    except ApiError as exc:
-        await resp.write(error_event(exc))
+            if isinstance(ev, ApiError):
+                await resp.write(error_event(ev))
+                break
+            choice = choice_of(i, ev)
+            if choice is not None:
+                await resp.write(chunk(choice))
+        else:
+            if include_usage:
+                n_in = choices[0].prompt_len
+                n_out = sum(c.num_output_tokens for c in choices)
+                await resp.write(chunk(None, {"prompt_tokens": n_in, "completion_tokens": n_out,
+                                              "total_tokens": n_in + n_out}))
+    finally:
+        for t in pumps:
+            t.cancel()
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
