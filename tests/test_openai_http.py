@@ -383,6 +383,10 @@ def test_status_tenants_and_drain_from_the_cli(site):  # last in the module: it 
     every = _cli(site, "status", "--tenants")  # the endpoint.json key: tenant ops, admin
     assert every.returncode == 0, every.stderr
     assert all(name in every.stdout for name in ("alice", "bob", "quota")) and "rank-seconds" in every.stdout
+    plain = _cli(site, "status", key=site["keys"]["alice"])
+    assert plain.returncode == 0 and "your key: tenant alice;" in plain.stdout and "replica 0" not in plain.stdout
+    admin = _cli(site, "status")
+    assert "your key: tenant ops (admin)" in admin.stdout and "replica 0" in admin.stdout
     denied = _cli(site, "drain", key=site["keys"]["alice"])
     assert denied.returncode == 2 and "admin" in denied.stderr
     ok = _cli(site, "drain")

@@ -233,6 +233,7 @@ def server_info_to_dict(info) -> dict:
         "version": info.version, "model": info.model, "ready": info.is_ready, "num_ranks": info.num_ranks,
         "max_model_len": info.max_model_len or None, "uptime_s": info.uptime_s,
         "num_worker_restarts": info.num_worker_restarts, "state_dir": info.state_dir or None,
+        "tenant": info.tenant or None, "is_admin": info.is_admin,
         "replicas": [{"replica_id": r.replica_id, "role": role(r), "ranks": list(r.ranks),
                       "num_running": r.num_running, "num_waiting": r.num_waiting,
                       "num_free_kv_blocks": r.num_free_kv_blocks, "num_kv_blocks": r.num_kv_blocks,
@@ -272,6 +273,9 @@ def _print_server(s: dict, address: str) -> None:
                    f"{f' ({res})' if res else ''}{ends}")
     if s["state_dir"]:
         click.echo(f"  state dir: {s['state_dir']}")
+    if s.get("tenant"):
+        click.echo(f"  your key: tenant {s['tenant']}" + (" (admin)" if s["is_admin"] else
+                                                          "; replicas and allocation are shown to admin keys"))
 
 
 def _print_batch_table(batches: list[dict], has_more: bool) -> None:
