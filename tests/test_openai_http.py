@@ -50,6 +50,9 @@ models = ["some-other-model"]
 
 [tenants.batchonly]
 max-priority = "batch"
+
+[tenants.onepm]
+requests-per-minute = 1
 """
 
 
@@ -71,7 +74,7 @@ def site(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-http")
     config = root / "site.toml"
     config.write_text(TENANTS.format(keys=root / "keys.json"))
-    keys = {t: _keys(config, "add", "--tenant", t) for t in ("alice", "bob", "limited", "quota", "nomodel", "batchonly")}
+    keys = {t: _keys(config, "add", "--tenant", t) for t in ("alice", "bob", "limited", "quota", "nomodel", "batchonly", "onepm")}
     d = Daemon(root / "state", tiny_model_factory("llama"), ranks=1,
                extra_args=("--config", str(config), "--http", "127.0.0.1:0")).start()
     ep = json.loads((root / "state" / "endpoint.json").read_text())
@@ -270,6 +273,17 @@ def test_rate_limit_returns_429_with_retry_after(site):
     assert int(dict(gerr.value.trailing_metadata())["retry-after"]) >= 1
 
 
+def test_cli_chat_waits_out_a_rate_limit(site):
+    _client(site, "onepm").completions.create(model="", prompt="first", max_tokens=1)  # the minute's one request
+    no_wait = _cli(site, "chat", "--prompt", "second", "--max-tokens", "2", "--retry-for", "0",
+                   key=site["keys"]["onepm"])
+    assert no_wait.returncode != 0 and "requests-per-minute" in no_wait.stderr
+    waited = _cli(site, "chat", "--prompt", "second", "--max-tokens", "2", "--retry-for", "120",
+                  key=site["keys"]["onepm"])
+    assert waited.returncode == 0, waited.stderr
+    assert "retrying in" in waited.stderr and waited.stdout.strip()
+
+
 def test_daily_token_quota_is_enforced(site):
     c = _client(site, "quota")
     used, served = 0, 0
@@ -355,7 +369,7 @@ def _cli(site, *args, key: str | None = None) -> subprocess.CompletedProcess:
     if key is not None:
         env["HPCSERVE_API_KEY"] = key
     return subprocess.run([sys.executable, "-m", "hpcserve", *args, "--state-dir", str(site["daemon"].state_dir)],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
+                          capture_output=True, text=True, timeout=240, env=env, check=False)
 
 
 def test_admin_manages_keys_through_the_daemon(site):

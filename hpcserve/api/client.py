@@ -77,7 +77,10 @@ _TLS_MARKS = ("handshake", "ssl_error", "certificate", "hostname verification", 
 
 
 class ClientError(HpcserveError):
-    """A call to the daemon failed; ``code`` is the gRPC status code (None before any call)."""
+    """A call to the daemon failed; ``code`` is the gRPC status code (None before any call);
+    ``retry_after_s`` the server's ``retry-after`` trailer (tenant limits), if any."""
+
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None):
         super().__init__(" ".join(str(message).split()))
@@ -304,6 +307,14 @@ class Client:
 
     def _error(self, exc: grpc.RpcError, method: str, timeout: float | None = None,
                started: bool = False) -> ClientError:
+        err = self._error_of(exc, method, timeout, started)
+        trailers = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+        for key, value in trailers or ():
+            if key == "retry-after" and str(value).isdigit():
+                err.retry_after_s = float(value)
+        return err
+
+    def _error_of(self, exc: grpc.RpcError, method: str, timeout: float | None, started: bool) -> ClientError:
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         details = (exc.details() if callable(getattr(exc, "details", None)) else None) or ""
         if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):

@@ -12,6 +12,8 @@ Retries: UNAVAILABLE (the daemon is relaunching its workers, draining at the end
 allocation, or gone while the next allocation starts) is retried with exponential backoff
 (1, 2, 4 … 30 s) for up to ``--retry-for`` seconds, reconnecting through the endpoint file each
 time (a new allocation writes a new one); an answer cut mid-stream is asked again from the start.
+A tenant limit (RESOURCE_EXHAUSTED with a ``retry-after``: requests or tokens per minute,
+concurrent streams) is retried after the time the daemon names, within the same ``--retry-for``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def _retriable(exc) -> bool:
 
     from hpcserve.api.client import DaemonUnreachable
 
+    if getattr(exc, "code", None) == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a tenant limit that frees up
+        return getattr(exc, "retry_after_s", None) is not None
     return isinstance(exc, DaemonUnreachable) or getattr(exc, "code", None) == grpc.StatusCode.UNAVAILABLE
 
 
@@ -78,9 +82,13 @@ class _Session:
             try:
                 return self._answer_once(messages)
             except ClientError as exc:
-                if self.reconnect is None or not _retriable(exc) or time.monotonic() + delay > deadline:
+                wait = exc.retry_after_s if exc.retry_after_s is not None else delay
+                if self.reconnect is None or not _retriable(exc) or time.monotonic() + wait > deadline:
                     raise
-                click.echo(f"[{exc}; retrying in {delay:.0f} s]", err=True)
+                click.echo(f"[{exc}; retrying in {wait:.0f} s]", err=True)
+                if exc.retry_after_s is not None:  # the daemon said when: no reconnect needed
+                    time.sleep(wait)
+                    continue
             time.sleep(delay)
             delay = min(RETRY_MAX_S, delay * 2)
             try:
@@ -224,7 +232,8 @@ def _read_line() -> str:
               help="Sampling temperature in [0, 100]; 0 is greedy. Default: the daemon's.")
 @click.option("--retry-for", type=click.FloatRange(0), default=120.0, show_default=True, metavar="SECONDS",
               help="Keep retrying an answer the daemon cannot give now (UNAVAILABLE: workers relaunching, "
-                   "allocation ending or starting) with backoff for this long; 0 disables retries.")
+                   "allocation ending or starting; with backoff) or not yet (a tenant limit: after its "
+                   "retry-after) for this long; 0 disables retries.")
 @daemon_options
 def chat(prompt: str | None, system: str | None, max_tokens: int | None, temperature: float | None,
          retry_for: float, endpoint: str | None, state_dir: str | None) -> None:
