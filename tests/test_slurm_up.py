@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,14 @@ def test_up_chat_batch_down_with_the_ci_site_config(tmp_path):
     try:
         r = hpcserve("up", "--config", config, "--wait", "900")
         assert "hpcserve is up: Slurm job" in r.stdout and "hpcserve chat --config" in r.stdout
+        assert "OpenAI API: http://127.0.0.1:" in r.stdout
+        ep = json.loads((Path(os.path.expanduser("~/.hpcserve-ci")) / "endpoint.json").read_text())
+        req = urllib.request.Request(  # the OpenAI-compatible API of the daemon inside the allocation
+            f"http://{ep['http']}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": "demo", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}).encode(),
+            headers={"Authorization": f"Bearer {ep['token']}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] >= 1
         job = r.stdout.split("Slurm job ")[1].split(",")[0]
         assert job_state(job) == "RUNNING"
         again = hpcserve("up", "--config", config)  # idempotent: reports the running service

@@ -115,8 +115,11 @@ def up(config_path: str, template: str, wait_s: float) -> None:
         if client is not None:
             with client:
                 info = client.server_info()
+            ep = client.endpoint
+            http = (f"\n  OpenAI API: {'https' if ep.tls_ca else 'http'}://{ep.http}/v1 (api_key: your tenant's key)"
+                    if ep.http else "")
             click.echo(f"hpcserve is up: Slurm job {job}, {info.model} on {info.num_ranks} rank(s) at "
-                       f"{client.address}\n  hpcserve chat --config {config_path}\n"
+                       f"{client.address}{http}\n  hpcserve chat --config {config_path}\n"
                        f"  hpcserve submit --config {config_path} prompts.jsonl --wait -o out.jsonl\n"
                        f"  hpcserve down --config {config_path}")
             return
