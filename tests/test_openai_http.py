@@ -340,6 +340,10 @@ def test_model_permission_and_bad_input(site):
         urllib.request.urlopen(req, timeout=30)
     body = json.loads(herr.value.read())
     assert herr.value.code == 400 and "JSON" in body["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as md:  # the gRPC batch API's metadata rules, checked first
+        c.batches.create(input_file_id="file-none", endpoint="/v1/chat/completions", completion_window="24h",
+                         metadata={"k": "v" * 600})
+    assert md.value.param == "metadata"
     # still serving
     assert c.completions.create(model="", prompt="still alive", max_tokens=2).usage.completion_tokens >= 1
 

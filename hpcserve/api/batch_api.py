@@ -114,7 +114,7 @@ class BatchApi:
             if endpoint is not None and endpoint not in URLS:
                 raise _Invalid(f"endpoint: must be {' or '.join(URLS)}, or empty to take it from the "
                                f"lines' url; got {endpoint!r}")
-            metadata = _check_metadata(dict(request.metadata))
+            metadata = check_metadata(dict(request.metadata))
         except (RequestError, _Invalid) as exc:
             msg = str(exc)
         else:
@@ -203,14 +203,20 @@ class BatchApi:
             await asyncio.sleep(self.poll_interval_s)
 
 
-def _check_metadata(md: dict[str, str]) -> dict[str, str] | None:
+def check_metadata(md: object) -> dict[str, str] | None:
+    """OpenAI's metadata limits (shared by the gRPC and HTTP batch APIs); RequestError naming the field."""
+    if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in md.items()):
+        raise RequestError("metadata: must be an object of string keys and string values", field="metadata")
     if len(md) > MAX_METADATA_PAIRS:
-        raise _Invalid(f"metadata: at most {MAX_METADATA_PAIRS} key/value pairs, got {len(md)}")
+        raise RequestError(f"metadata: at most {MAX_METADATA_PAIRS} key/value pairs, got {len(md)}",
+                           field="metadata")
     for k, v in md.items():
         if not 1 <= len(k) <= MAX_METADATA_KEY:
-            raise _Invalid(f"metadata: keys must be 1..{MAX_METADATA_KEY} characters, got {k[:80]!r}")
+            raise RequestError(f"metadata: keys must be 1..{MAX_METADATA_KEY} characters, got {k[:80]!r}",
+                               field="metadata")
         if len(v) > MAX_METADATA_VALUE:
-            raise _Invalid(f"metadata: the value of {k!r} is longer than {MAX_METADATA_VALUE} characters")
+            raise RequestError(f"metadata: the value of {k!r} is longer than {MAX_METADATA_VALUE} characters",
+                               field="metadata")
     return md or None
 
 

@@ -24,10 +24,11 @@ import tempfile
 from aiohttp import web
 
 from hpcserve.api.admission import ApiError, api_error
+from hpcserve.api.batch_api import check_metadata
 from hpcserve.api.openai_http.server import read_json
 from hpcserve.batch.openai_format import URLS
 from hpcserve.daemon.batch_schema import BatchNotFound, parse_completion_window
-from hpcserve.errors import HpcserveError
+from hpcserve.errors import HpcserveError, RequestError
 
 SPOOL_BYTES = 8 << 20
 MAX_LIST_LIMIT = 100
@@ -165,11 +166,11 @@ async def create_batch(request: web.Request) -> web.Response:
         parse_completion_window(window if isinstance(window, str) else "")
     except HpcserveError as exc:
         raise ApiError("invalid_argument", str(exc), param="completion_window") from None
-    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 64 and len(v) <= 512
-            for k, v in metadata.items())):
-        raise ApiError("invalid_argument", "metadata: at most 16 string pairs (keys 1-64, values up to 512 "
-                       "characters)", param="metadata")
+    if metadata is not None:
+        try:
+            metadata = check_metadata(metadata)
+        except RequestError as exc:
+            raise api_error(exc) from None
     tenant = _tenant(request)
     info = await _store(request, gw.store.get_file, fid, tenant=tenant)
     if info.get("purpose") != "batch":

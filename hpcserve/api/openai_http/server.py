@@ -89,6 +89,7 @@ class HttpGateway:
         completions.add_routes(r)
         batches.add_routes(r)
         self._runner: web.AppRunner | None = None
+        self.created = time.time()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int, ssl_context=None) -> int:
@@ -101,8 +102,7 @@ class HttpGateway:
             await self._runner.cleanup()
             raise HpcserveError(f"daemon.http: cannot listen on {host}:{port} ({exc.strerror or exc}); "
                                 "set --http HOST:PORT to a free address, e.g. 127.0.0.1:0") from None
-        sockets = site._server.sockets if site._server is not None else []  # the bound port (0 = any free one)
-        return sockets[0].getsockname()[1] if sockets else port
+        return self._runner.addresses[0][1]  # the bound port (port 0 = any free one)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -143,10 +143,8 @@ class HttpGateway:
 
     # ------------------------------------------------------------------ models, health
     def _model_object(self) -> dict:
-        return {"id": self.admission.model_name, "object": "model", "created": int(self._created),
+        return {"id": self.admission.model_name, "object": "model", "created": int(self.created),
                 "owned_by": "hpcserve", "max_model_len": self.admission.frontend.max_model_len}
-
-    _created = time.time()
 
     async def models(self, request: web.Request) -> web.Response:
         try:
