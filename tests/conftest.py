@@ -17,6 +17,9 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:  # so tests can `from model_factory import ...`
     sys.path.insert(0, _TESTS_DIR)
 
+# the `needs(ok, reason)` mark: skip with the reason, or fail when CI is true (tests/capabilities.py)
+from capabilities import pytest_configure, pytest_runtest_setup  # noqa: E402,F401
+
 
 def _limit_torch_threads() -> None:
     import torch

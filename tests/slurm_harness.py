@@ -1,5 +1,6 @@
 """The single-node Slurm of ``scripts/slurm-local.sh`` for tests marked ``slurm``: start it (root
-with apt, or already running) or skip with the reason; submit jobs and wait on them. No torch."""
+with apt, or already running) or skip with the reason (fail under ``CI=true``: tests/capabilities.py);
+submit jobs and wait on them. No torch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from capabilities import require
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
@@ -17,10 +18,9 @@ _state: dict = {}
 
 
 def require_slurm() -> None:
-    """Make sure the local Slurm takes jobs; ``pytest.skip`` with the reason when it cannot."""
+    """Make sure the local Slurm takes jobs; skip (fail in CI) with the reason when it cannot."""
     if "reason" in _state:
-        if _state["reason"]:
-            pytest.skip(_state["reason"])
+        require(not _state["reason"], _state["reason"])
         return
     reason = None
     if subprocess.run([str(SCRIPT), "status"], capture_output=True, check=False).returncode != 0:
@@ -33,8 +33,7 @@ def require_slurm() -> None:
             if r.returncode != 0:
                 reason = f"scripts/slurm-local.sh start failed: {r.stderr.strip()[-500:]}"
     _state["reason"] = reason
-    if reason:
-        pytest.skip(reason)
+    require(not reason, reason)
 
 
 def sbatch(script: Path, *args: str) -> str:

@@ -16,14 +16,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from capabilities import VENV_MPIEXEC, needs_mpi
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_MPIEXEC = Path(sys.prefix) / "bin" / "mpiexec"
 
-needs_mpi = pytest.mark.skipif(
-    not VENV_MPIEXEC.exists() or importlib.util.find_spec("mpi4py") is None,
-    reason=f"needs mpi4py and the venv's MPICH mpiexec at {VENV_MPIEXEC} (pip install mpi4py mpich)",
-)
 
 
 def _env() -> dict[str, str]:

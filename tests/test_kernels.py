@@ -7,9 +7,16 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from hpcserve.kernels import cpu_gemm  # noqa: E402
+from capabilities import needs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not cpu_gemm.available()[0], reason=f"CPU GEMM kernel unavailable: {cpu_gemm.available()[1]}")
+from hpcserve.kernels import build, cpu_gemm  # noqa: E402
+
+# Not for this platform (not x86-64 with AVX2/FMA, or HPCSERVE_CPU_KERNELS=0): skip. For it but not
+# built (no C compiler, a compile error): skip here, fail in CI.
+pytestmark = [
+    pytest.mark.skipif(build._why_not() is not None, reason=f"CPU kernels not for this machine: {build._why_not()}"),
+    needs(cpu_gemm.available()[0], reason=f"CPU GEMM kernel unavailable: {cpu_gemm.available()[1]}"),
+]
 
 
 @pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 31, 32, 33, 64, 65, 129, 300])

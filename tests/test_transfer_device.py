@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -18,6 +17,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from capabilities import needs_mpi
 
 torch = pytest.importorskip("torch")
 
@@ -35,7 +35,6 @@ from hpcserve.transfer.packing import BlockMover, StagingPool, blocks_digest
 
 L, BS, H, D, NB = 4, 4, 2, 8, 40
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-HAVE_MPI = importlib.util.find_spec("mpi4py") is not None
 
 
 def cache(device, dtype=torch.float32, seed=0, zero=False):
@@ -118,7 +117,7 @@ print(json.dumps({"before": before, "after": after, "found": found, "same_libs":
 """
 
 
-@pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py")
+@needs_mpi
 def test_mpi_cuda_aware_under_the_real_mpi_library():
     from test_transfer_mpi import _env
 
@@ -262,12 +261,10 @@ def test_staging_pool_device_options():
 
 
 # ------------------------------------------------------------ real MPI, 2 ranks
-@pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py")
+@needs_mpi
 def test_forced_paths_over_real_mpi_are_byte_exact(tmp_path):
-    from test_transfer_mpi import TESTS, VENV_MPIEXEC, mpirun, results
+    from test_transfer_mpi import TESTS, mpirun, results
 
-    if not VENV_MPIEXEC.exists():
-        pytest.skip(f"needs the venv's MPICH mpiexec at {VENV_MPIEXEC}")
     res = results(mpirun([TESTS / "mpi_transfer_cases.py", "paths"], tmp_path))
     caps = [r for r in res if r["case"] == "capability"]
     assert len(caps) == 2 and all(r["cuda_aware"] in (True, False, None) for r in caps)

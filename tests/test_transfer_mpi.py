@@ -12,16 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from capabilities import VENV_MPIEXEC, needs_mpi
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-VENV_MPIEXEC = Path(sys.prefix) / "bin" / "mpiexec"
 
 pytestmark = [
-    pytest.mark.skipif(
-        not VENV_MPIEXEC.exists() or importlib.util.find_spec("mpi4py") is None,
-        reason=f"needs mpi4py and the venv's MPICH mpiexec at {VENV_MPIEXEC} (pip install mpi4py mpich)",
-    ),
+    needs_mpi,
     pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed"),
 ]
 
