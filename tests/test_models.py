@@ -94,18 +94,42 @@ def test_cli_reports_bad_model_in_one_line(tmp_path):
     assert "model not found" in r.stderr
 
 
-@pytest.mark.parametrize("num_kv", [1, 8])
-def test_decode_attention_paths_match_transformers(tiny_model_factory, num_kv):
-    """Decode attention has two fp32 paths chosen by kv head count (all-pairs for few kv
-    heads, per-group matmuls for many); both must give transformers' greedy tokens."""
+@pytest.mark.parametrize("num_kv,decode_path", [(1, "all-pairs"), (4, "all-pairs"), (8, "per-group")])
+def test_torch_decode_attention_paths_match_transformers(tiny_model_factory, num_kv, decode_path):
+    """``TorchAttention`` has two fp32 decode paths, chosen by kv head count: all-pairs (every
+    query head against every kv head, foreign pairs masked) up to ``ALL_PAIRS_MAX_KV_HEADS``,
+    per-group matmuls above. Where the project's C kernels load, ``KernelsAttention`` and the
+    fused forward take every fp32 decode, so the engine runs here with the torch backend and
+    ``cpu_kernels=False``; the test checks that the torch path decoded, then compares every
+    logits row (chunked prefills mixed with decodes) and the greedy tokens with transformers."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from parity_harness import check_logits, hf_greedy, make_engine, make_prompt, run
+
+    from hpcserve.kernels.cpu_gemm import PackedLinear
+    from hpcserve.models.attention import ALL_PAIRS_MAX_KV_HEADS, TorchAttention
 
     path = tiny_model_factory("llama", num_attention_heads=8, num_key_value_heads=num_kv, head_dim=8)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 42, 17]]
-    ours = _greedy(path, prompts, n=20)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    for p, got in zip(prompts, ours):
-        ids = torch.tensor([p])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        assert got == ref[0, len(p):].tolist()
+    engine = make_engine(path, attention_backend="torch", cpu_kernels=False, collect_logits=True,
+                         max_num_batched_tokens=24)
+    model = engine.runner.model
+    assert model.attn.name == "torch" and type(model.attn) is TorchAttention
+    assert model.ops is None and not isinstance(model.layers[0].qkv, PackedLinear)
+    assert model.cfg.num_kv_heads == num_kv
+    assert ("all-pairs" if num_kv <= ALL_PAIRS_MAX_KV_HEADS else "per-group") == decode_path
+
+    decodes = []  # (q dtype, kv heads) of every forward with decode rows: the branch TorchAttention takes
+    torch_forward = model.attn.forward
+
+    def observed(q, k, v, k_cache, v_cache, meta, scale):
+        if meta.num_decode:
+            decodes.append((q.dtype, k_cache.shape[2]))
+        return torch_forward(q, k, v, k_cache, v_cache, meta, scale)
+
+    model.attn.forward = observed
+    schedule = {0: [("a", make_prompt(7, 11), 20), ("b", make_prompt(4, 12), 20)],
+                3: [("c", make_prompt(30, 13), 12)]}  # joins late: 30 tokens in 2 chunks next to decodes
+    prompts, outputs, logs, _ = run(engine, schedule)
+    assert decodes and set(decodes) == {(torch.float32, num_kv)}
+    check_logits(path, prompts, outputs, logs, f"torch-decode-kv{num_kv}")
+    for r, p in prompts.items():
+        assert outputs[r] == hf_greedy(path, p, len(outputs[r])), r

@@ -49,6 +49,7 @@ class EngineConfig:
     collect_logits: bool = False  # tests: keep logits of every scheduled row
     num_threads: int | None = None  # torch intra-op threads (default: torch's choice)
     attention_backend: str = "auto"
+    cpu_kernels: bool = True  # False: no C kernels (packed GEMM, fused ops), the torch reference path
     # ITL cap on batch work (see hpcserve.engine.scheduler): None disables it
     itl_target_s: float | None = None
     batch_step_slowdown: float = 0.2  # with chat active, batch may slow a step by this fraction
@@ -90,7 +91,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             mc, self.model_dir, config.dtype, bs, num_blocks, self.max_model_len,
             collect_logits=config.collect_logits, compute_dtype=config.compute_dtype,
-            attention_backend=config.attention_backend,
+            attention_backend=config.attention_backend, cpu_kernels=config.cpu_kernels,
         )
         self.frontend.max_model_len = self.max_model_len
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)

@@ -15,6 +15,9 @@ native bf16 arithmetic (no AVX512-BF16/AMX), bf16 GEMMs run several times slower
 than fp32, so ``compute_dtype="auto"`` runs such models in fp32 there (weights
 are exactly the bf16 values, upcast once at load). ``compute_dtype="model"``
 forces the checkpoint dtype.
+
+``cpu_kernels=False`` runs the torch reference path even where the project's C kernels
+load (tests of the torch paths; see ``LlamaModel``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class ModelRunner:
         collect_logits: bool = False,
         compute_dtype: str = "auto",
         attention_backend: str = "auto",
+        cpu_kernels: bool = True,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -74,7 +78,8 @@ class ModelRunner:
         self.compute_dtype = choose_compute_dtype(self.dtype, self.device, compute_dtype)
         weights = load_weights(model_dir, model_config, self.dtype)
         self.model = LlamaModel(
-            model_config, weights, self.compute_dtype, max_model_len, get_backend(attention_backend, self.device)
+            model_config, weights, self.compute_dtype, max_model_len,
+            get_backend(attention_backend, self.device, cpu_kernels), cpu_kernels=cpu_kernels,
         )
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks

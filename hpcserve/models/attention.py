@@ -162,11 +162,13 @@ class KernelsAttention(TorchAttention):
         return out
 
 
-def get_backend(name: str = "auto", device: str = "cpu") -> TorchAttention:
+def get_backend(name: str = "auto", device: str = "cpu", cpu_kernels: bool = True) -> TorchAttention:
     """Pick an attention backend by capability: ``kernels`` (fused CPU decode) when the
-    project's CPU kernels load, else ``torch``. ``deepspeed`` (FastGen, CUDA) is not
-    available on CPU."""
-    if name in ("auto", "kernels") and device == "cpu":
+    project's CPU kernels load and ``cpu_kernels`` allows them, else ``torch``.
+    ``deepspeed`` (FastGen, CUDA) is not available on CPU."""
+    if name == "kernels" and not cpu_kernels:
+        raise ValueError("attention backend 'kernels' needs the CPU kernels: set cpu_kernels=True or pick 'torch'")
+    if name in ("auto", "kernels") and device == "cpu" and cpu_kernels:
         from hpcserve.kernels import cpu_ops
 
         if cpu_ops.available():

@@ -6,8 +6,10 @@ per-step overhead low on CPU. Numerics follow the reference implementation: RMSN
 in float32, RoPE tables computed in float32 then cast.
 
 Interface:
-- ``LlamaModel(cfg, weights, dtype, max_positions, attn)``; ``weights`` are HF-named tensors
-  (see ``loader.load_weights``); they are fused and the originals dropped.
+- ``LlamaModel(cfg, weights, dtype, max_positions, attn, cpu_kernels=True)``; ``weights`` are
+  HF-named tensors (see ``loader.load_weights``); they are fused and the originals dropped.
+  ``cpu_kernels=False`` keeps the project's C kernels (packed GEMM, fused ops) out: the torch
+  reference path, as with ``HPCSERVE_CPU_KERNELS=0`` but per model.
 - ``forward(input_ids [T], positions [T], kv_cache, meta) -> hidden [T, hidden]`` where
   ``kv_cache`` is [layers, 2, num_blocks, block_size, kv_heads, head_dim].
 - ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` (float32).
@@ -45,7 +47,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu"):
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu", kernels: bool = True):
     """A callable ``x -> x @ weight.T + bias``, with the fastest GEMM this machine has.
 
     Chosen by capability, measured here (AMD EPYC, AVX2, 2 cores), decode batch of 32:
@@ -54,11 +56,12 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: str = "
     2. oneDNN's matmul, which parallelizes small-M GEMMs where MKL's sgemm mostly
        runs on one core (1.3-1.6x MKL per decode step);
     3. ``F.linear`` (CUDA, other dtypes).
+    ``kernels=False`` skips the first.
     """
     if device == "cpu" and weight.dtype == torch.float32:
         from hpcserve.kernels import cpu_gemm
 
-        if cpu_gemm.available()[0]:
+        if kernels and cpu_gemm.available()[0]:
             return cpu_gemm.PackedLinear(weight, bias)
         if torch.backends.mkldnn.is_available():
             return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -85,6 +88,7 @@ class LlamaModel:
         dtype: torch.dtype,
         max_positions: int,
         attn: TorchAttention | None = None,
+        cpu_kernels: bool = True,
     ) -> None:
         self.cfg = cfg
         self.dtype = dtype
@@ -92,13 +96,16 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
         w = weights
 
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None):
+            return make_linear(weight, bias, kernels=cpu_kernels)
+
         def take(name: str) -> torch.Tensor | None:
             t = w.pop(name, None)
             return None if t is None else t.to(dtype).contiguous()
 
         self.embed = take("model.embed_tokens.weight")
         lm = take("lm_head.weight")
-        self.lm_head = make_linear(self.embed if (cfg.tie_word_embeddings or lm is None) else lm, None)
+        self.lm_head = linear(self.embed if (cfg.tie_word_embeddings or lm is None) else lm, None)
         self.norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         self.layer_hook = None  # called after each layer's attention (KV handoff progress), if set
@@ -107,22 +114,22 @@ class LlamaModel:
             L = _Layer()
             L.in_norm = take(p + "input_layernorm.weight")
             L.post_norm = take(p + "post_attention_layernorm.weight")
-            L.qkv = make_linear(
+            L.qkv = linear(
                 torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
                 torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None,
             )
-            L.o = make_linear(take(p + "self_attn.o_proj.weight"), take(p + "self_attn.o_proj.bias") if cfg.o_bias else None)
-            L.gate_up = make_linear(
+            L.o = linear(take(p + "self_attn.o_proj.weight"), take(p + "self_attn.o_proj.bias") if cfg.o_bias else None)
+            L.gate_up = linear(
                 torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
                 torch.cat([take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")]) if cfg.mlp_bias else None,
             )
-            L.down = make_linear(take(p + "mlp.down_proj.weight"), take(p + "mlp.down_proj.bias") if cfg.mlp_bias else None)
+            L.down = linear(take(p + "mlp.down_proj.weight"), take(p + "mlp.down_proj.bias") if cfg.mlp_bias else None)
             L.q_norm = take(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
             L.k_norm = take(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
             self.layers.append(L)
 
         self.ops = None  # fused CPU ops (hpcserve/kernels/cpu_ops.c) for fp32 on CPU
-        if dtype == torch.float32:
+        if dtype == torch.float32 and cpu_kernels:
             from hpcserve.kernels import cpu_ops
 
             self.ops = cpu_ops if cpu_ops.available() else None
