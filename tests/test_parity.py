@@ -1,25 +1,25 @@
 """Parity of the hpcserve engine (paged KV, chunked prefill, prefix cache, preemption)
-against Hugging Face transformers as the reference, on tiny random models.
-
-Reference logits come from one full causal forward over a request's final token
-sequence: by causality, ``logits[start:end]`` of that forward equal what a forward over
-``tokens[:end]`` would give, so one HF call per request covers every engine step.
+against Hugging Face transformers as the reference, on tiny random models (the engine
+driver and the comparison are in tests/parity_harness.py).
 """
 
 from __future__ import annotations
-
-import functools
-import random
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-# fp32 logits here have std ~4-8 and |max| ~30-40; engine vs HF differ only by
-# rounding (paged/chunked attention, fused vs unfused ops, summation order): observed
-# max |diff| over all cases is 8.6e-5 (~2e-6 relative). 3e-4 leaves ~3.5x headroom
-# and still catches any real bug (wrong rope, mask, window, bias, norm: 1e-2..1e1).
-FP32_ATOL = 3e-4
+from parity_harness import (  # noqa: E402
+    FP32_ATOL,
+    MAX_ERR,
+    check_logits,
+    hf_greedy,
+    hf_logits,
+    make_engine,
+    make_prompt,
+    record,
+    run,
+)
 
 CASES = [
     pytest.param("llama", True, {}, id="llama-tied"),
@@ -47,9 +47,13 @@ CASES = [
         id="llama-rope-llama3",
     ),
     pytest.param("llama", True, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, id="llama-rope-linear"),
+    # head_dim set apart from hidden_size / num_attention_heads (64 / 4 = 16), as in real Qwen3:
+    # q is 4 x 32 = 128 wide, wider than the residual stream
+    pytest.param("llama", False, {"head_dim": 32}, id="llama-head-dim-32"),
+    pytest.param("qwen3", True, {"head_dim": 32}, id="qwen3-head-dim-32"),
 ]
 
-MAX_ERR: dict[str, float] = {}  # case id -> max |engine - HF| logit error (reported at the end)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,115 +68,6 @@ def _report_max_errors():
         print("\nmax |engine - HF| logit error per case:")
         for k, v in sorted(MAX_ERR.items()):
             print(f"  {k:40s} {v:.3e}")
-
-
-def _record(case: str, err: float) -> None:
-    MAX_ERR[case] = max(MAX_ERR.get(case, 0.0), err)
-
-
-@functools.lru_cache(maxsize=None)
-def hf_model(path: str, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-
-
-def hf_logits(path, token_ids: list[int], dtype: str = "float32") -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(str(path), dtype)(torch.tensor([token_ids])).logits[0].float()
-
-
-def hf_greedy(path, prompt: list[int], n: int, dtype: str = "float32") -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf_model(str(path), dtype).generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,  # == ignore_eos for n tokens
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def make_prompt(n: int, seed: int, vocab: int = 512) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(n)]  # 0..2 are the special tokens
-
-
-def make_engine(path, **kw):
-    from hpcserve.engine.core import EngineConfig, LLMEngine
-
-    cfg = dict(
-        model=str(path),
-        dtype="float32",
-        block_size=16,
-        num_kv_blocks=None,
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
-        enable_prefix_caching=True,
-        collect_logits=False,
-    )
-    cfg.update(kw)
-    return LLMEngine(EngineConfig(**cfg))
-
-
-def greedy(max_tokens: int):
-    from hpcserve.engine.request import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-
-
-def run(engine, schedule: dict[int, list[tuple[str, list[int], int]]], max_steps: int = 2000):
-    """Drive ``engine``; ``schedule[step]`` lists ``(req_id, prompt, max_tokens)`` added
-    before that step. Returns (prompts, outputs, logs, num_cached) where ``logs[req_id]``
-    is a list of ``(start, end, logits)`` (only with collect_logits) and every logged
-    greedy sampling row is checked to agree with the token the engine emitted."""
-    prompts: dict[str, list[int]] = {}
-    outputs: dict[str, list[int]] = {}
-    cached: dict[str, int] = {}
-    logs: dict[str, list] = {}
-    step = 0
-    while step <= max(schedule, default=0) or engine.has_unfinished_requests():
-        assert step < max_steps, "engine did not finish"
-        for req_id, prompt, n in schedule.get(step, []):
-            engine.add_request(req_id, prompt, greedy(n))
-            prompts[req_id] = list(prompt)
-            outputs[req_id] = []
-        outs = engine.step()
-        for o in outs:
-            outputs[o.req_id] = list(o.token_ids)
-            cached[o.req_id] = o.num_cached_tokens
-        if engine.config.collect_logits:
-            for req_id, lg in engine.last_logits.items():
-                start, end = engine.last_positions[req_id]
-                assert lg.shape == (end - start, engine.model_config.vocab_size), (req_id, lg.shape, start, end)
-                logs.setdefault(req_id, []).append((start, end, lg.detach().float().clone()))
-        step += 1
-    for req_id, out in outputs.items():
-        assert len(out) == dict((r, n) for s in schedule.values() for r, _, n in s)[req_id]
-    return prompts, outputs, logs, cached
-
-
-def check_logits(path, prompts, outputs, logs, case: str, atol: float = FP32_ATOL) -> float:
-    """Compare every logged engine row with HF; also: rows cover each position exactly
-    once per (re)computation, and the last row of a step predicts the emitted token."""
-    worst = 0.0
-    for req_id, entries in logs.items():
-        seq = prompts[req_id] + outputs[req_id]
-        ref = hf_logits(path, seq[:-1])  # row p predicts token p+1
-        for start, end, lg in entries:
-            assert 0 <= start < end <= len(seq) - 1, (req_id, start, end, len(seq))
-            err = (lg - ref[start:end]).abs().max().item()
-            worst = max(worst, err)
-            assert err < atol, f"{case} {req_id} positions [{start},{end}): max |diff| {err:.3e}"
-            if end >= len(prompts[req_id]):
-                # the row predicting an output token: greedy token == its argmax
-                assert int(lg[-1].argmax()) == seq[end], (req_id, end)
-        covered = {p for s, e, _ in entries for p in range(s, e)}
-        assert covered == set(range(min(covered), len(seq) - 1)), req_id
-    _record(case, worst)
-    return worst
 
 
 # ---------------------------------------------------------------- logits parity
@@ -226,9 +121,14 @@ def test_text_prompt_matches_hf(tiny_model_factory):
 # ---------------------------------------------------------------- prefix cache
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_prefix_cache(tiny_model_factory, request, family):
-    path = tiny_model_factory(family, tie=family == "llama")
+@pytest.mark.parametrize(
+    "family,overrides",
+    [pytest.param(f, {}, id=f) for f in FAMILIES]
+    # window 24 < the 32 cached tokens: "q" attends to cached blocks only partly inside its window
+    + [pytest.param("mistral", {"sliding_window": 24}, id="mistral-window24")],
+)
+def test_prefix_cache(tiny_model_factory, request, family, overrides):
+    path = tiny_model_factory(family, tie=family in ("llama", "qwen3"), **overrides)
     p = make_prompt(40, 7)
     q = p[:32] + make_prompt(9, 8)  # shares exactly two 16-token blocks with p
     sched = {
@@ -249,7 +149,9 @@ def test_prefix_cache(tiny_model_factory, request, family):
     assert outputs == ref_outputs
     for r in ("p2", "q", "p3"):  # the cached requests started computing after the hit
         assert logs[r][0][0] == cached[r]
-    check_logits(path, prompts, outputs, logs, f"prefix-{family}")
+    window = overrides.get("sliding_window")
+    assert window is None or window < cached["q"]  # part of the cached prefix is outside the window
+    check_logits(path, prompts, outputs, logs, f"prefix-{request.node.callspec.id}")
     assert outputs["p1"] == hf_greedy(path, p, 16)
 
 
@@ -257,8 +159,9 @@ def test_prefix_cache(tiny_model_factory, request, family):
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
-def test_preemption_recompute(tiny_model_factory, prefix_caching):
-    path = tiny_model_factory("llama", tie=False)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preemption_recompute(tiny_model_factory, family, prefix_caching):
+    path = tiny_model_factory(family, tie=family in ("mistral", "qwen2"))
     # Each request peaks at 20 + 40 = 60 tokens = 4 blocks; 6 usable blocks (+ the
     # runner's scratch block 0) hold ~1.5 such sequences, so running ones get preempted.
     sched = {0: [(f"r{i}", make_prompt(20, 200 + i), 40) for i in range(4)]}
@@ -267,7 +170,7 @@ def test_preemption_recompute(tiny_model_factory, prefix_caching):
     assert engine.scheduler.num_preemptions > 0
     _, ref_outputs, _, _ = run(make_engine(path), sched)
     assert outputs == ref_outputs
-    check_logits(path, prompts, outputs, logs, f"preempt-{'pc' if prefix_caching else 'nopc'}")
+    check_logits(path, prompts, outputs, logs, f"preempt-{family}-{'pc' if prefix_caching else 'nopc'}")
 
 
 # ---------------------------------------------------------------- bf16
@@ -304,7 +207,7 @@ def test_bf16(tiny_model_factory, compute_dtype):
     assert got.shape == ref.shape
     diff = (got - ref).abs()
     err = diff.max().item()
-    _record(f"bf16-{compute_dtype}", err)
+    record(f"bf16-{compute_dtype}", err)
     if exact:
         assert err < FP32_ATOL
         assert outputs["x"] == hf_greedy(path, p, 16)
