@@ -176,23 +176,42 @@ def test_preemption_recompute(tiny_model_factory, family, prefix_caching):
 # ---------------------------------------------------------------- bf16
 
 
+# bf16 error bounds, relative to HF's own bf16 error against fp32 on the same bf16 weights (see test_bf16)
+BF16_MEAN_FACTOR = 1.25
+BF16_MAX_FACTOR = 1.5
+
+
 @pytest.mark.parametrize("compute_dtype", ["model", "auto"])
-def test_bf16(tiny_model_factory, compute_dtype):
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_bf16(tiny_model_factory, family, compute_dtype):
     """bf16 checkpoint, prompt prefilled in 3 chunks, then 16 decodes.
 
-    compute_dtype="model": the engine computes in bf16 like HF bf16. bf16 keeps 8
-    mantissa bits, so at |logit| in [16, 64) one ulp is 0.125-0.25, and the engine and
-    HF round at different points (paged/chunked attention, fused ops, accumulation
-    order). Observed: max |diff| = 1 ulp (0.125), mean ~1e-3, top-1 identical. We allow
-    4 ulps of the largest logit and a mean of 0.02 (bf16 vs an fp32 computation differs
-    by ~1.5 max / ~0.15 mean, a real bug by whole units), require top-1 agreement on
-    >= 90% of positions (a near-tie may flip) and identical greedy tokens for the 16
-    generated positions (teacher-forced logits above avoid cascading divergence).
+    When the engine computes in bf16 (compute_dtype="model", or "auto" on a CPU with native
+    bf16), its logits are compared with an fp32 reference: HF in fp32 on the same bf16-valued
+    weights. HF's own bf16 logits are the yardstick: the engine's mean and max error against
+    the reference may be at most 1.25x and 1.5x HF's. Both are measured on the machine the
+    test runs on, so the bound does not depend on how its bf16 kernels round. A direct bound
+    on |engine - HF bf16| does: here (AMD, AVX2, bf16 emulated) it is mean 0.0005-0.0012 and
+    max 1 ulp (0.125), and the layer-by-layer residual stream of a one-chunk prefill is
+    bit-identical to HF's; on an Intel AVX-512/AMX CPU the mean was 0.033 (native bf16
+    GEMM/SDPA kernels, whose blocking differs between the engine's shapes (fused q|k|v and
+    gate|up, 10-row chunks, single-row decodes over a padded block mask) and HF's).
+    Measured here (mean / max |logit error| vs the fp32 reference):
+    - qwen3: engine 0.1715 / 1.2948, HF bf16 0.1711 / 1.2948 (ratio 1.00 / 1.00);
+    - llama: engine 0.1367 / 1.6169, HF bf16 0.1366 / 1.6169 (ratio 1.00 / 1.00).
+    Precision lost in the engine, injected here (teacher-forced, ratios mean / max): RMSNorm
+    computed in bf16 1.11 / 1.66 (qwen3), 1.30 / 1.39 (llama); RoPE tables computed in bf16
+    1.18 / 1.86 (qwen3), 1.20 / 1.22 (llama); a real bug (wrong rope, mask, norm) errs by
+    whole units. The engine-HF gap seen on AMX (mean 0.033, max within 4 ulps = 0.5) stays
+    inside the bound even if it added fully to HF's error (0.17 + 0.033 = 1.19x, 1.29 + 0.5 =
+    1.39x). Also: top-1 agrees with HF bf16 on >= 90% of positions (a near-tie may flip), and
+    the 16 greedy tokens equal HF bf16 generate's (teacher-forced logits above avoid
+    cascading divergence).
 
-    compute_dtype="auto" on a CPU without native bf16: the engine upcasts the bf16
-    weights to fp32 once, so it must match HF fp32 on the same weights at FP32_ATOL.
+    compute_dtype="auto" on a CPU without native bf16: the engine upcasts the bf16 weights to
+    fp32 once, so it must match HF fp32 on the same weights at FP32_ATOL.
     """
-    path = tiny_model_factory("qwen3", tie=True, dtype="bfloat16")
+    path = tiny_model_factory(family, tie=True, dtype="bfloat16")
     engine = make_engine(
         path, dtype="bfloat16", compute_dtype=compute_dtype, collect_logits=True, max_num_batched_tokens=10
     )
@@ -202,19 +221,21 @@ def test_bf16(tiny_model_factory, compute_dtype):
     exact = engine.runner.compute_dtype == torch.float32
     if compute_dtype == "model":
         assert not exact
-    ref = hf_logits(path, seq[:-1], "float32" if exact else "bfloat16")
+    ref = hf_logits(path, seq[:-1], "float32")  # the bf16 checkpoint's weights, upcast exactly
     got = torch.cat([lg for _, _, lg in logs["x"]])
     assert got.shape == ref.shape
-    diff = (got - ref).abs()
-    err = diff.max().item()
-    record(f"bf16-{compute_dtype}", err)
     if exact:
+        err = (got - ref).abs().max().item()
+        record(f"bf16-{family}-{compute_dtype}", err)
         assert err < FP32_ATOL
         assert outputs["x"] == hf_greedy(path, p, 16)
         return
-    ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().max())).item() - 7)
-    assert err <= 4 * ulp, (err, ulp)
-    assert diff.mean().item() < 0.02, diff.mean().item()
-    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    hf16 = hf_logits(path, seq[:-1], "bfloat16")
+    ours, theirs = (got - ref).abs(), (hf16 - ref).abs()
+    record(f"bf16-{family}-{compute_dtype} (vs HF bf16)", (got - hf16).abs().max().item())
+    assert theirs.mean().item() > 0.01  # the yardstick really computed in bf16
+    assert ours.mean().item() <= BF16_MEAN_FACTOR * theirs.mean().item(), (ours.mean().item(), theirs.mean().item())
+    assert ours.max().item() <= BF16_MAX_FACTOR * theirs.max().item(), (ours.max().item(), theirs.max().item())
+    agree = (got.argmax(-1) == hf16.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
     assert outputs["x"] == hf_greedy(path, p, 16, "bfloat16")
