@@ -3,14 +3,15 @@
 - ``hpcserve up --config site-configs/ci-single-node.toml``: a chat streams and a batch completes,
   the clients find the service with ``--config``; ``hpcserve down`` drains it and cancels the
   queued continuation;
-- walltime drain: a batch bigger than one short allocation; Slurm's ``--signal=B:USR1`` drains the
-  daemon, the queued successor (``--dependency=singleton``) resumes the pending lines, and every
+- walltime drain: a batch bigger than one short allocation (sized from this machine's measured rate,
+  so that it holds on any machine speed); Slurm's ``--signal=B:USR1`` drains the daemon, the queued successor (``--dependency=singleton``) resumes the pending lines, and every
   custom_id is written exactly once; ``hpcserve status`` showed the time left before the drain.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from slurm_harness import job_state, require_slurm, scancel
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 ROOT = Path(__file__).resolve().parent.parent
+HOLD_S = 240  # seconds of batch work the drain test gives its first allocation (at the measured rate)
 
 
 def hpcserve(*args: str, timeout: float = 900, check: bool = True, input: str | None = None):
@@ -89,6 +91,7 @@ def test_up_chat_batch_down_with_the_ci_site_config(tmp_path):
         scancel("--name=hpcserve-ci")
 
 
+@pytest.mark.timeout(1800)  # two allocations and HOLD_S of work; the usual 900 s is for one
 def test_walltime_drain_resumes_in_the_next_allocation(tiny_model_factory, tmp_path):
     require_slurm()
     model = tiny_model_factory("llama", hidden_size=256, num_hidden_layers=4, intermediate_size=512)
@@ -119,18 +122,41 @@ mem = "4G"
     try:
         r = hpcserve("up", "--config", str(config), "--wait", "600")
         first = r.stdout.split("Slurm job ")[1].split(",")[0]
-        n = 400
-        jsonl = tmp_path / "big.jsonl"
-        jsonl.write_text("\n".join(chat_line(f"w{i}", f"item {i}", 256, ignore_eos=True) for i in range(n)) + "\n")
-        batch_id = hpcserve("submit", "--config", str(config), str(jsonl)).stdout.strip()
         status = hpcserve("status", "--config", str(config)).stdout
         assert f"Slurm job {first}" in status and "ends " in status and "(in " in status  # time left
 
-        def completed() -> int | None:
-            st = hpcserve("status", "--config", str(config), batch_id, "--json", check=False)
-            return json.loads(st.stdout)["request_counts"]["completed"] if st.returncode == 0 else None
+        def submit(prefix: str, count: int) -> str:
+            jsonl = tmp_path / f"{prefix}.jsonl"
+            jsonl.write_text("\n".join(chat_line(f"{prefix}{i}", f"item {i}", 256, ignore_eos=True)
+                                       for i in range(count)) + "\n")
+            return hpcserve("submit", "--config", str(config), str(jsonl)).stdout.strip()
 
-        while (completed() or 0) < 10:
+        def batch(batch_id: str) -> dict | None:
+            st = hpcserve("status", "--config", str(config), batch_id, "--json", check=False)
+            return json.loads(st.stdout) if st.returncode == 0 else None
+
+        def completed(batch_id: str) -> int | None:
+            b = batch(batch_id)
+            return b and b["request_counts"]["completed"]
+
+        # This machine's rate for such lines, from a warm-up batch (5 waves of the 2 x 4 lines in flight)
+        # timed by the store's own stamps (whole seconds: the true time is within d +- 1 s).
+        warm_n = 40
+        warm = submit("u", warm_n)
+        deadline = time.monotonic() + 600
+        while ((b := batch(warm)) or {}).get("status") != "completed":
+            assert time.monotonic() < deadline, f"warm-up batch not done after 600 s: {b}"
+            time.sleep(2)
+        assert sorted(_custom_ids(b)) == sorted(f"u{i}" for i in range(warm_n))
+        d = b["finalizing_at"] - b["in_progress_at"]
+        rate_hi, rate_lo = warm_n / max(d - 1, 0.5), warm_n / (d + 1)
+        # The drain comes 30-90 s after the TimeLimit update below (later by slurmctld's signal timer): give
+        # the first allocation several times that much work, at the highest rate the stamps allow.
+        n = max(64, math.ceil(rate_hi * HOLD_S))
+        print(f"warm-up: {warm_n} lines in {d} +- 1 s; the drained batch has {n} lines")
+        batch_id = submit("w", n)
+
+        while (completed(batch_id) or 0) < 10:
             time.sleep(1)
         # the walltime comes closer: end the job ~90 s from now, so that --signal=B:USR1@60 fires
         started = subprocess.run(["squeue", "-h", "-j", first, "-o", "%M"], capture_output=True, text=True,
@@ -141,25 +167,24 @@ mem = "4G"
         deadline = time.monotonic() + 400
         seen = 0
         while job_state(first) in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
-            seen = completed() or seen
+            seen = completed(batch_id) or seen
             time.sleep(2)
-        assert 0 < seen < n, seen  # the first allocation drained before the batch was done
+        assert 0 < seen < n, (seen, n, d)  # the first allocation drained before the batch was done
+        print(f"the first allocation drained after {seen} of {n} lines")
         log = (state / "logs" / f"slurm-{first}.out").read_text()
         assert "SIGUSR1" in log and "the daemon exited with status 0" in log, log[-3000:]
         ep_path = state / "endpoint.json"
 
-        # the successor picks the service up and finishes the batch
-        deadline = time.monotonic() + 600
+        # the successor picks the service up and finishes the batch (at about the measured rate)
+        deadline = time.monotonic() + 600 + 2 * (n - seen) / rate_lo
         done = None
         while time.monotonic() < deadline:
             if ep_path.exists():
                 ep = json.loads(ep_path.read_text())
                 if ep.get("slurm_job_id") not in (None, first):
-                    st = hpcserve("status", "--config", str(config), batch_id, "--json", check=False)
-                    if st.returncode == 0:
-                        done = json.loads(st.stdout)
-                        if done["status"] == "completed":
-                            break
+                    done = batch(batch_id) or done
+                    if done and done["status"] == "completed":
+                        break
             time.sleep(3)
         assert done is not None and done["status"] == "completed", done
         assert done["request_counts"]["completed"] == n
