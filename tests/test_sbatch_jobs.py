@@ -1,8 +1,9 @@
 """The rendered sbatch scripts as real jobs on a working Slurm (skipped with the reason when there
-is none): ``sbatch --test-only`` of the ci-single-node scripts; jobs whose hpcserve is a stand-in
-script (singleton successor queued and drained on USR1, successor cancelled when the daemon fails,
-requeue after a drain, the batch flow); batch.sbatch and serve.sbatch with the real daemon and a
-tiny model. Rendering itself is tested in test_sbatch_render.py."""
+is none; failed with it under CI=true): ``sbatch --test-only`` of the ci-single-node scripts; jobs
+whose hpcserve is a stand-in script (singleton successor queued and drained on USR1, successor
+cancelled when the daemon fails, requeue after a drain, the batch flow); batch.sbatch and
+serve.sbatch with the real daemon and a tiny model. Rendering itself is tested in
+test_sbatch_render.py."""
 
 from __future__ import annotations
 
