@@ -7,7 +7,9 @@
   real ``workers.Replica`` objects, fed fabricated ``StepOutputs`` (the replicas' side of the
   link): GPU-seconds per tenant by token share x the replica's ranks, and every request counted
   exactly once: chat, aborted chat, batch, requeued batch line, error line, worker loss and a
-  disaggregated (prefill → decode) chat and batch line.
+  disaggregated (prefill → decode) chat and batch line; useful seconds (docs/utilization.md)
+  credited per tenant and class as steps arrive, debited for batch lines requeued, aborted, lost or
+  given an error line and for the prefill side of a failed KV handoff, kept for chats.
 """
 
 from __future__ import annotations

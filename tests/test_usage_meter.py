@@ -1,6 +1,7 @@
 """UsageMeter (hpcserve/daemon/usage.py): GPU-second attribution by token share, per-tenant
 request/token counts, the UTC day rollover (injected wall clock), take/restore of store deltas,
-and the flusher against a store object whose first write fails. No torch, no gRPC."""
+the flusher against a store object whose first write fails, and useful seconds per tenant and
+class (credits x ranks, debits of a whole account or one replica's part). No torch, no gRPC."""
 
 from __future__ import annotations
 
