@@ -20,6 +20,7 @@ from sched_harness import FakeRunner, make, mkreq, prompt_of
 from hpcserve.engine.request import PRIORITY_BATCH as B
 from hpcserve.engine.request import PRIORITY_INTERACTIVE as I
 from hpcserve.engine.request import SamplingParams
+from hpcserve.engine.step_cost import StepCostModel
 from hpcserve.engine.useful_work import claim_fresh, fresh_tokens, step_credits
 
 COEF = (0.01, 0.002, 0.0001)  # a, b, c: seconds, per token, per context token
@@ -185,7 +186,12 @@ def test_engine_credits_match_the_definition_from_reported_coefficients(tiny_mod
     for rid, ids in prompts.items():
         eng.add_request(rid + "2", ids, params)
     run()
-    assert any(c is None for _, _, c in steps) and any(c is not None for _, _, c in steps)
+    # a fit without marginal terms (timing noise can give one): token share again
+    eng.cost_model = eng.scheduler.cost_model = StepCostModel(coefficients=(0.001, 0.0, 0.0))
+    eng.add_request("d", prompts["b"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    run()
+    assert any(c is None for _, _, c in steps) and any(c is not None and c[1] > 0 for _, _, c in steps)
+    assert steps[-1][2] == (0.001, 0.0, 0.0)
 
     done: dict[str, int] = {}  # positions computed so far per request (no preemption, no prefix cache)
     total: dict[str, float] = {}
@@ -194,15 +200,15 @@ def test_engine_credits_match_the_definition_from_reported_coefficients(tiny_mod
         ctx = {}
         for s in shares:
             ctx[s.req_id] = done.get(s.req_id, 0) + s.num_tokens
-        if coef is None:
-            want = {s.req_id: t * s.num_tokens / sum(x.num_tokens for x in shares) for s in shares}
-        else:
-            _, b, c = coef
-            cost = {s.req_id: b * s.num_tokens + c * ctx[s.req_id] for s in shares}
+        _, b, c = coef or (0.0, 0.0, 0.0)
+        cost = {s.req_id: b * s.num_tokens + c * ctx[s.req_id] for s in shares}
+        if sum(cost.values()) > 0:  # marginal cost, scaled down to the step's time if it is more
             want = {rid: v * min(1.0, t / sum(cost.values())) for rid, v in cost.items()}
+        else:  # not calibrated, or a fit without marginal terms (timing noise): token share
+            want = {s.req_id: t * s.num_tokens / sum(x.num_tokens for x in shares) for s in shares}
         assert {s.req_id: s.useful_s for s in shares} == pytest.approx(want, rel=1e-9)
         done.update(ctx)
         for s in shares:
             total[s.req_id] = total.get(s.req_id, 0.0) + s.useful_s
-    assert done == {rid: len(prompts[rid[0]]) + 6 - 1 for rid in done}
-    assert set(total) == {"a", "b", "c", "a2", "b2", "c2"} and all(v > 0 for v in total.values())
+    assert done == {rid: len(prompts[rid[0]]) + 6 - 1 for rid in done if rid != "d"} | {"d": 5 + 3 - 1}
+    assert set(total) == {"a", "b", "c", "a2", "b2", "c2", "d"} and all(v > 0 for v in total.values())
