@@ -7,7 +7,9 @@
   real ``workers.Replica`` objects, fed fabricated ``StepOutputs`` (the replicas' side of the
   link): GPU-seconds per tenant by token share x the replica's ranks, and every request counted
   exactly once: chat, aborted chat, batch, requeued batch line, error line, worker loss and a
-  disaggregated (prefill → decode) chat and batch line.
+  disaggregated (prefill → decode) chat and batch line; useful seconds (docs/utilization.md)
+  credited per tenant and class as steps arrive, debited for batch lines requeued, aborted, lost or
+  given an error line and for the prefill side of a failed KV handoff, kept for chats.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def test_worker_reports_every_step_time_and_token_shares(tiny_model_factory):
     assert computed == {rid: len(prompts[rid]) + len(tokens[rid]) - 1 for rid in prompts}
     assert all(len(t) == 4 for t in tokens.values())
     assert all(sh.num_tokens <= 8 for s in stepped for sh in s.shares)
+    # useful-work credit: positive, never more than the step's time (engine/useful_work.py)
+    assert all(0 < sum(sh.useful_s for sh in s.shares) <= s.step_time_s for s in stepped)
 
 
 def test_prefill_only_steps_have_shares(tiny_model_factory):
@@ -93,8 +97,9 @@ def test_prefill_only_steps_have_shares(tiny_model_factory):
         outputs += eng.step()
         shares += eng.last_step_shares
     assert outputs == [] and eng.handoff.is_held("p")
-    assert {rid for rid, _ in shares} == {"p"} and sum(n for _, n in shares) == len(prompt)
+    assert {sh.req_id for sh in shares} == {"p"} and sum(sh.num_tokens for sh in shares) == len(prompt)
     assert len(shares) == -(-len(prompt) // 8)
+    assert all(sh.useful_s > 0 for sh in shares)  # a prefill replica's work earns credit too
 
 
 # ---------------------------------------------------------------------------- daemon side
@@ -333,6 +338,106 @@ def test_feeder_leaves_the_excluded_tenants_lines_pending(frontend, tmp_path):
         assert {inf.line.batch_id for inf in router.inflight.values()} == {dave["id"], carol["id"]}
         assert {inf.tenant for inf in router.inflight.values()} == {"dave", "carol"}
         _added(rep)
+        store.close()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- useful seconds
+def _useful_step(router, rep, time_s: float, shares: list[tuple[str, int, float]], outputs=()) -> None:
+    router.on_outputs(rep, wpb.StepOutputs(
+        step_time_s=time_s, outputs=list(outputs),
+        shares=[wpb.StepShare(request_id=r, num_tokens=n, useful_s=u) for r, n, u in shares]))
+
+
+def _useful(meter) -> dict[tuple[str, str], float]:
+    return {(t, k[len("useful_seconds_"):]): row[k] for t, row in meter.snapshot().items()
+            for k in ("useful_seconds_interactive", "useful_seconds_batch") if abs(row[k]) > 1e-12}
+
+
+def test_undelivered_batch_work_is_debited_and_chat_work_is_kept(frontend, tmp_path):
+    async def main():
+        store = BatchStore(tmp_path / "state")
+        rep = _replica(0, num_ranks=2)
+        router = _router(frontend, store, rep)
+        batch = store.create_batch("\n".join(chat_line(f"c{i}", f"line {i}", max_tokens=4) for i in range(3))
+                                   .encode(), tenant="carol")
+        router.submit("chat", [5] * 6, SamplingParams(max_tokens=4), CHAT, tenant="alice")
+        router.submit("gone", [5] * 6, SamplingParams(max_tokens=4), CHAT, tenant="bob")
+        await router._feed_once()
+        lines = sorted((rid for rid in _added(rep) if rid.startswith("batch-")),
+                       key=lambda rid: router.inflight[rid].line.line_no)
+        l0, l1, l2 = lines
+        # prefill: every request earns; "stale" (unknown to the router) earns nobody anything
+        _useful_step(router, rep, 1.0, [("chat", 6, 0.1), ("gone", 6, 0.1), (l0, 7, 0.2), (l1, 7, 0.2),
+                                        (l2, 7, 0.2), ("stale", 3, 0.1)],
+                     [_out(r, [1]) for r in ("chat", "gone", l0, l1, l2)])
+        assert _useful(router.meter) == pytest.approx({("alice", "interactive"): 0.2, ("bob", "interactive"): 0.2,
+                                                       ("carol", "batch"): 1.2})
+        # bob's client goes away: what streamed was delivered; l0 finishes; l1 is aborted (requeued),
+        # l2 gets an error line
+        assert router.abort("gone")
+        _useful_step(router, rep, 0.2, [("chat", 1, 0.01), (l0, 1, 0.02), (l1, 1, 0.02)],
+                     [_out("gone", [], pb.FINISH_REASON_ABORT), _out("chat", [2]),
+                      _out(l0, [2, 3, 4], pb.FINISH_REASON_LENGTH), _out(l1, [], pb.FINISH_REASON_ABORT),
+                      _out(l2, [], pb.FINISH_REASON_ERROR, error_code="bad", error_message="x")])
+        await router.flush_writes()
+        assert _useful(router.meter) == pytest.approx({("alice", "interactive"): 0.22, ("bob", "interactive"): 0.2,
+                                                       ("carol", "batch"): 2 * (0.2 + 0.02)})  # l0 only
+        # l1 runs again and finishes: its new run is delivered, the old one stays debited
+        await router._feed_once()
+        (rerun, _), = _added(rep).items()
+        _useful_step(router, rep, 0.5, [(rerun, 7, 0.3)], [_out(rerun, [1, 2, 3, 4], pb.FINISH_REASON_LENGTH)])
+        await router.flush_writes()
+        assert _useful(router.meter)[("carol", "batch")] == pytest.approx(0.44 + 0.6)
+        # a line in flight when the launch is lost is requeued: debited; the chat keeps its credit
+        store.create_batch(chat_line("late", "again", max_tokens=4).encode(), tenant="carol")
+        await router._feed_once()
+        (late, _), = _added(rep).items()
+        _useful_step(router, rep, 0.5, [(late, 5, 0.3), ("chat", 1, 0.01)], [_out(late, [1]), _out("chat", [3])])
+        router.on_lost("rank 0 exited")
+        await router.flush_writes()
+        useful = _useful(router.meter)
+        assert useful == pytest.approx({("alice", "interactive"): 0.24, ("bob", "interactive"): 0.2,
+                                        ("carol", "batch"): 1.04})
+        total = router.meter.totals()
+        assert total["gpu_seconds"] == pytest.approx(2 * (1.0 + 0.2 + 0.5 + 0.5))
+        assert total["useful_seconds_batch"] + total["useful_seconds_interactive"] <= total["gpu_seconds"]
+        info = store.get_batch(batch["id"])
+        assert (info["request_counts"]["completed"], info["request_counts"]["failed"]) == (2, 1)
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_failed_kv_handoff_debits_the_prefill_replicas_part(frontend, tmp_path):
+    async def main():
+        store = BatchStore(tmp_path / "state")
+        p, d = _replica(0, pb.REPLICA_ROLE_PREFILL, num_ranks=2), _replica(1, pb.REPLICA_ROLE_DECODE)
+        router = _router(frontend, store, p, d)
+        store.create_batch(chat_line("l", "a longer prompt for the batch line", max_tokens=2).encode(), tenant="carol")
+        router.submit("e", [3] * 9, SamplingParams(max_tokens=2), CHAT, tenant="erin")
+        await router._feed_once()
+        on_p = _added(p)
+        line = next(rid for rid in on_p if rid.startswith("batch-"))
+        plen = {rid: len(a.prompt_token_ids) for rid, (_, a) in on_p.items()}
+        _useful_step(router, p, 0.5, [("e", plen["e"], 0.1), (line, plen[line], 0.2)])  # x2 ranks
+        for rid in ("e", line):
+            router.on_outputs(p, wpb.StepOutputs(outputs=[_out(rid, kv_event=wpb.KvEvent(ready=wpb.KvReady(
+                block_ids=[1], num_tokens=plen[rid] - 1)))]))
+        _added(d)
+        for rid in ("e", line):
+            router.on_outputs(d, wpb.StepOutputs(outputs=[_out(rid, kv_event=wpb.KvEvent(recv_meta_json="{}"))]))
+        router.on_outputs(d, wpb.StepOutputs(outputs=[  # erin's transfer fails, the line's succeeds
+            _out("e", kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=False))),
+            _out(line, kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=True)))]))
+        assert _useful(router.meter) == pytest.approx({("carol", "batch"): 0.4})  # erin's 0.2 taken back
+        # D recomputes erin's prompt (and earns it), and computes the line's last prompt token
+        _useful_step(router, d, 0.3, [("e", plen["e"], 0.15), (line, 1, 0.01)], [_out("e", [1]), _out(line, [1])])
+        _useful_step(router, d, 0.1, [("e", 1, 0.02), (line, 1, 0.02)],
+                     [_out("e", [2], pb.FINISH_REASON_LENGTH), _out(line, [2], pb.FINISH_REASON_LENGTH)])
+        await router.flush_writes()
+        assert _useful(router.meter) == pytest.approx({("erin", "interactive"): 0.17, ("carol", "batch"): 0.43})
         store.close()
 
     asyncio.run(main())

@@ -14,7 +14,8 @@ from hpcserve.daemon.batches import BatchStore
 from hpcserve.daemon.usage_store import utc_day
 from hpcserve.errors import RequestError
 
-ZERO = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "gpu_seconds": 0.0}
+ZERO = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "gpu_seconds": 0.0, "useful_seconds_interactive": 0.0,
+        "useful_seconds_batch": 0.0}
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_add_usage_accumulates_and_survives_reopen(tmp_path, store):
                      ("a", "2024-05-02"): {"requests": 1, "input_tokens": 1}})
     store.add_usage({})
     want = [
-        {"tenant": "a", "day": "2024-05-01", "requests": 3, "input_tokens": 10, "output_tokens": 8,
+        {"tenant": "a", "day": "2024-05-01", **ZERO, "requests": 3, "input_tokens": 10, "output_tokens": 8,
          "gpu_seconds": 0.75},
         {"tenant": "b", "day": "2024-05-01", **ZERO, "input_tokens": 7},
         {"tenant": "a", "day": "2024-05-02", **ZERO, "requests": 1, "input_tokens": 1},
@@ -70,14 +71,62 @@ def test_filters_and_totals(store):
 
     totals = store.usage_totals()
     assert totals == {
-        "a": {"tenant": "a", "requests": 3, "input_tokens": 300, "output_tokens": 30, "gpu_seconds": 3.0},
-        "b": {"tenant": "b", "requests": 4, "input_tokens": 400, "output_tokens": 40, "gpu_seconds": 4.0},
+        "a": {"tenant": "a", **ZERO, "requests": 3, "input_tokens": 300, "output_tokens": 30, "gpu_seconds": 3.0},
+        "b": {"tenant": "b", **ZERO, "requests": 4, "input_tokens": 400, "output_tokens": 40, "gpu_seconds": 4.0},
         "c": {"tenant": "c", **ZERO, "requests": 8},
     }
     assert store.usage_totals("a", since_day="2024-05-02") == {
-        "a": {"tenant": "a", "requests": 2, "input_tokens": 200, "output_tokens": 20, "gpu_seconds": 2.0}}
+        "a": {"tenant": "a", **ZERO, "requests": 2, "input_tokens": 200, "output_tokens": 20, "gpu_seconds": 2.0}}
     assert store.usage_totals(since_day="2024-06-01") == {}
     assert store.tokens_on("2024-05-03") == {"a": 220} and store.tokens_on("2024-05-04") == {}
+
+
+def test_useful_seconds_per_class_add_up_and_debits_subtract(store):
+    store.add_usage({("a", "2024-05-01"): {"useful_seconds_interactive": 1.5, "useful_seconds_batch": 4.0}})
+    store.add_usage({("a", "2024-05-01"): {"useful_seconds_batch": 0.5},
+                     ("a", "2024-05-02"): {"useful_seconds_batch": -2.0}})  # a debit the next day
+    rows = {r["day"]: r for r in store.usage("a")}
+    assert rows["2024-05-01"]["useful_seconds_interactive"] == 1.5 and rows["2024-05-01"]["useful_seconds_batch"] == 4.5
+    assert rows["2024-05-02"]["useful_seconds_batch"] == -2.0
+    assert store.usage_totals()["a"] == {"tenant": "a", **ZERO, "useful_seconds_interactive": 1.5,
+                                         "useful_seconds_batch": 2.5}
+
+
+# the usage table as the schema before useful seconds created it
+OLD_USAGE_TABLE = """CREATE TABLE usage (
+    tenant TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0, PRIMARY KEY (tenant, day))"""
+
+
+def test_state_dir_of_the_old_usage_schema_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    state = tmp_path / "state"
+    s = BatchStore(state)  # a state dir as the previous release left it: same store, old usage table
+    s.close()
+    db = sqlite3.connect(state / "batches.sqlite")
+    with db:
+        db.execute("DROP TABLE usage")
+        db.execute(OLD_USAGE_TABLE)
+        db.execute("INSERT INTO usage VALUES ('a', '2024-05-01', 2, 20, 10, 1.25)")
+    db.close()
+    s = BatchStore(state)
+    try:
+        cols = [r[1] for r in s._db.execute("PRAGMA table_info(usage)")]
+        assert cols[-2:] == ["useful_seconds_interactive", "useful_seconds_batch"]
+        assert s.usage() == [{"tenant": "a", "day": "2024-05-01", **ZERO, "requests": 2, "input_tokens": 20,
+                              "output_tokens": 10, "gpu_seconds": 1.25}]
+        s.add_usage({("a", "2024-05-01"): {"requests": 1, "useful_seconds_batch": 0.75}})
+        row = s.usage()[0]
+        assert (row["requests"], row["gpu_seconds"], row["useful_seconds_batch"]) == (3, 1.25, 0.75)
+    finally:
+        s.close()
+    s = BatchStore(state)  # migrating again is a no-op
+    try:
+        assert s.usage()[0]["useful_seconds_batch"] == 0.75
+    finally:
+        s.close()
 
 
 def test_bad_input_changes_nothing(store):

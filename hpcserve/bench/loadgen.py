@@ -48,6 +48,8 @@ import grpc
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import serving_pb2_grpc
 from hpcserve.bench import mixed
+from hpcserve.daemon.utilization import KEYS as ECON_KEYS
+from hpcserve.daemon.utilization import window_utilization
 from hpcserve.errors import HpcserveError
 
 BATCH_WARMUP_S = 2.0        # after steady state, at most this (and 5% of the window) more
@@ -182,6 +184,10 @@ class Session:
         return {r.replica_id: mixed.ReplicaCounters(r.num_output_tokens_batch, r.num_output_tokens_interactive,
                                                     r.busy_time_s, r.num_preemptions) for r in info.replicas}, t
 
+    async def usage(self) -> pb.UsageReport:
+        """The daemon's usage report (admin: allocation and useful rank-seconds since it started)."""
+        return await self.stub.GetUsage(pb.GetUsageRequest(), metadata=self.md, timeout=30)
+
     async def batch(self, batch_id: str) -> pb.Batch:
         return await self.stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id), metadata=self.md, timeout=30)
 
@@ -272,6 +278,7 @@ class Session:
             await self.wait_steady(mode, batch_id)
             await asyncio.sleep(batch_warmup_s(duration_s))
         start, t0 = await self.snapshot()
+        usage0 = await self.usage()
         records: list[mixed.ChatRecord] = []
         tasks: list[asyncio.Task] = []
         progress = asyncio.create_task(self._progress(mode, t0, duration_s, records, batch_id))
@@ -286,6 +293,7 @@ class Session:
                                                            rec)))
             await asyncio.sleep(max(0.0, t0 + duration_s - time.monotonic()))
             end, t1 = await self.snapshot()
+            usage1 = await self.usage()
             saturated = None
             if batch_id:
                 saturated = (await self.batch(batch_id)).status not in _TERMINAL
@@ -308,6 +316,12 @@ class Session:
         except ValueError as exc:
             raise HpcserveError(f"{mode}: {exc}") from None
         out["batch_saturated"] = saturated
+        try:  # useful rank-seconds delivered in the window / allocated (docs/utilization.md)
+            econ = window_utilization(usage0, usage1)
+        except ValueError:  # not an admin key (no allocation in the report)
+            econ = dict.fromkeys(ECON_KEYS)
+            self.say(f"[{mode}] no economic utilization: the endpoint key is not an admin tenant's")
+        out.update({k: econ[k] for k in ECON_KEYS})
         self.say(f"[{mode}] done: window {t1 - t0:.1f} s, {len(records)} chats, "
                  f"batch {out['batch_tokens_per_s']:.1f} tok/s, chat {out['chat_tokens_per_s']:.1f} tok/s")
         return out
@@ -408,7 +422,6 @@ def run_mixed(model: str, ranks: int, chat_rate: float, duration_s: float, batch
     finally:
         if ok:
             shutil.rmtree(workdir, ignore_errors=True)
-    mixed.add_economic_utilization(modes)
     return {
         "modes": {m: modes.get(m) for m in mixed.MODES},
         "targets": mixed.evaluate_targets(modes),

@@ -7,7 +7,8 @@ Lifecycle of one benchmark (driven by ``loadgen.run_mixed``)::
     per mode: ChatRecord per chat request (arrival + token arrival times), two Snapshots of the
               replicas' cumulative counters (window start, window end)
               -> mode_metrics(records, start, end, ...) -> dict (one column of the table)
-    add_economic_utilization(modes)              needs batch_only's batch rate
+              + the economic utilization of the window, from the daemon's useful-work meter
+                (two admin GetUsage snapshots -> daemon.utilization.window_utilization)
     evaluate_targets(modes) -> dict              the three targets of issue #4
     render_table(result) -> str                  the human-readable report
 
@@ -219,7 +220,8 @@ def mode_metrics(records: Sequence[ChatRecord], start: Snapshot, end: Snapshot, 
       busy time / window);
     - ``goodput_tokens_per_s``: (batch tokens in the window + output tokens of the chat requests
       that met their SLO, received by ``window_end`` (None: all of them)) / window.
-      ``economic_utilization`` is filled in by ``add_economic_utilization``.
+      ``economic_utilization`` (and ``_batch``, ``_interactive``) are filled in by the caller from
+      the daemon's usage snapshots (``hpcserve.daemon.utilization.window_utilization``).
     """
     d = window_deltas(start, end, window_s)
     good = [r for r in records if meets_slo(r, ttft_slo_s, itl_slo_s)]
@@ -247,16 +249,6 @@ def mode_metrics(records: Sequence[ChatRecord], start: Snapshot, end: Snapshot, 
         "economic_utilization": None,
         "num_preemptions": d["preemptions"],
     }
-
-
-def add_economic_utilization(modes: dict) -> None:
-    """``economic_utilization`` = goodput tokens / (batch_only's batch_tokens_per_s x window):
-    the useful work of a mode as a fraction of what the pool does on batch alone (1.0 for
-    batch_only itself). Stays null without a batch_only rate."""
-    ref = (modes.get("batch_only") or {}).get("batch_tokens_per_s")
-    for m in modes.values():
-        if m is not None:
-            m["economic_utilization"] = m["goodput_tokens_per_s"] / ref if ref else None
 
 
 # ------------------------------------------------------------------------------------- targets
@@ -318,7 +310,9 @@ _ROWS = (  # (key, label, format)
     ("slo_attainment", "SLO attainment", ".2f"), ("batch_tokens_per_s", "batch tok/s", ".1f"),
     ("chat_tokens_per_s", "chat tok/s", ".1f"), ("total_tokens_per_s", "total tok/s", ".1f"),
     ("busy_fraction", "busy fraction", ".2f"), ("goodput_tokens_per_s", "goodput tok/s", ".1f"),
-    ("economic_utilization", "economic util.", ".2f"), ("num_preemptions", "preemptions", "d"),
+    ("economic_utilization", "economic util.", ".2f"),
+    ("economic_utilization_batch", " of it batch", ".2f"),
+    ("economic_utilization_interactive", " of it chat", ".2f"), ("num_preemptions", "preemptions", "d"),
     ("window_s", "window s", ".1f"), ("batch_saturated", "batch saturated", "yn"),
 )
 

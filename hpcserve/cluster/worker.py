@@ -36,7 +36,8 @@ Replica event loop (``ReplicaLoop.run``), one per leader, as a table of contents
             recv_meta, result) go to the daemon at once, before the step
     run     engine.step() when there is work
     send    StepOutputs with every request that produced tokens or finished, the step's wall time
-            and each scheduled request's token share (sent even when no request produced output)
+            and each scheduled request's token share and useful-work credit (sent even when no
+            request produced output)
     report  LoadReport every REPORT_INTERVAL_S, and right after a step that finished requests
 """
 
@@ -190,8 +191,8 @@ class ReplicaLoop:
                     self.num_output_tokens[bool(is_batch)] += len(o.new_token_ids)
                 dt = time.perf_counter() - t0
                 out.step_time_s = dt  # usage accounting: the step's time, split by these token shares
-                out.shares.extend(wpb.StepShare(request_id=rid, num_tokens=n)
-                                  for rid, n in self.engine.last_step_shares)
+                out.shares.extend(wpb.StepShare(request_id=sh.req_id, num_tokens=sh.num_tokens, useful_s=sh.useful_s)
+                                  for sh in self.engine.last_step_shares)
                 self.step_times.append(dt)
                 self.busy_time_s += dt
                 self.num_steps += 1

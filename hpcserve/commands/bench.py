@@ -93,7 +93,8 @@ max_tokens {m.BATCH_OUTPUT_LEN[0]}-{m.BATCH_OUTPUT_LEN[1]}
     Metrics per mode: TTFT and ITL p50/p99, SLO attainment (TTFT <= the TTFT SLO and the
     request's own p99 ITL <= the ITL SLO), batch/chat/total output tok/s and busy fraction
     from the replicas' counters, goodput (batch tokens + tokens of chats that met the SLO,
-    per s) and economic utilization (goodput / batch_only's batch tok/s). The three
+    per s) and economic utilization (useful rank-seconds delivered / allocated, from the
+    daemon; docs/utilization.md). The three
     targets of issue #4 are printed as PASS/FAIL with their ratios; see bench/README.md.
     Use --batch-lines large enough that the batch outlasts the window.
     """

@@ -326,7 +326,8 @@ def _print_batch(b: dict) -> None:
               help="First wait up to SECONDS for a daemon that is starting (endpoint file written, worker "
                    "ranks loaded); exit 1 if it is not ready by then.")
 @click.option("--tenants", is_flag=True, help="Per-tenant usage: requests, tokens in/out, GPU-seconds, "
-              "today's tokens against the daily quota, streams in flight.")
+              "useful rank-seconds (chat, batch), economic utilization (admin keys), today's tokens against "
+              "the daily quota, streams in flight.")
 @click.option("--since", metavar="YYYY-MM-DD", default=None, help="With --tenants: only days from this UTC day.")
 @click.option("--by-day", is_flag=True, help="With --tenants: one row per tenant and UTC day.")
 @daemon_options

@@ -67,18 +67,21 @@ CREATE INDEX IF NOT EXISTS files_batch ON files(batch_id, path);
 CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
     input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
-    gpu_seconds REAL NOT NULL DEFAULT 0, PRIMARY KEY (tenant, day));
+    gpu_seconds REAL NOT NULL DEFAULT 0, useful_seconds_interactive REAL NOT NULL DEFAULT 0,
+    useful_seconds_batch REAL NOT NULL DEFAULT 0, PRIMARY KEY (tenant, day));
 """
 
 
 _ADDED_COLUMNS = (("batches", "input_file", "TEXT"), ("batches", "input_tokens", "INTEGER NOT NULL DEFAULT 0"),
                   ("batches", "output_tokens", "INTEGER NOT NULL DEFAULT 0"), ("lines", "done_seq", "INTEGER"),
                   ("batches", "input_file_id", "TEXT"), ("batches", "output_file_id", "TEXT"),
-                  ("batches", "error_file_id", "TEXT"))
+                  ("batches", "error_file_id", "TEXT"),
+                  ("usage", "useful_seconds_interactive", "REAL NOT NULL DEFAULT 0"),
+                  ("usage", "useful_seconds_batch", "REAL NOT NULL DEFAULT 0"))
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Add the columns a development DB of the first schema lacks (usage counts start at 0;
+    """Add the columns a DB of an earlier schema lacks (usage counts and useful seconds start at 0;
     results stored before get done_seq = line_no; batches stored before have no file ids).
     New tables come from ``SCHEMA``'s ``IF NOT EXISTS``. Run inside a transaction, before SCHEMA."""
     for table, column, ddl in _ADDED_COLUMNS:

@@ -10,7 +10,12 @@ Interfaces
   not be claimed now, e.g. over quota).
 - Usage: ``meter`` (``usage.UsageMeter``, given or a fresh one). Each ``StepOutputs`` with a
   ``step_time_s`` is metered (its time x the replica's ranks, split by token share between the
-  tenants of the scheduled requests). Each request is counted once in ``meter.on_finished`` (its
+  tenants of the scheduled requests; each share's useful seconds to the request's ``Account``,
+  its tenant and class). Useful seconds of work never delivered are debited (``meter.debit``): a
+  batch line requeued (abort, cancel, drain, lost launch) or ending in an error line (or a result
+  the store already had), and the prefill replica's part of a failed KV handoff; chats are
+  delivered as they stream and never debited (docs/utilization.md). Each request is counted once
+  in ``meter.on_finished`` (its
   tenant, prompt length, tokens it produced): a chat when its stream ends (on the replica that
   streams it: the decode replica of a disaggregated one), whatever the reason but an admission
   error (FINISH_REASON_ERROR, nothing computed), so an aborted or dropped chat counts what its
@@ -71,7 +76,7 @@ from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import worker_pb2 as wpb
 from hpcserve.batch.openai_format import build_error_line, build_output_line
 from hpcserve.daemon.feeder import BatchFeeder
-from hpcserve.daemon.usage import UsageMeter
+from hpcserve.daemon.usage import BATCH, INTERACTIVE, Account, UsageMeter
 from hpcserve.engine.outputs import RequestOutput
 from hpcserve.engine.request import SamplingParams
 from hpcserve.errors import RequestError
@@ -112,6 +117,11 @@ class Inflight:
     kv_result: bool | None = None  # decode side's transfer outcome, once known
     kv_blocks_promised: int = 0  # blocks announced to the decode replica's headroom until it posts the receive
     tenant: str = "default"  # whose usage it is (batch: the batch's tenant)
+    account: Account | None = None  # useful seconds earned so far (usage.Account); made from tenant and class
+
+    def __post_init__(self) -> None:
+        if self.account is None:
+            self.account = Account(self.tenant, BATCH if self.request_class == pb.REQUEST_CLASS_BATCH else INTERACTIVE)
 
     @property
     def disaggregated(self) -> bool:
@@ -294,6 +304,7 @@ class Router(BatchFeeder):
             inf.kv_handoff_s, inf.kv_handoff_bytes = ev.result.seconds, ev.result.nbytes
             if not ev.result.success:
                 self.num_handoff_failures += 1
+                self.meter.debit(inf.account, inf.prefill.replica_id)  # D recomputes the prompt and earns it
                 log.warning("request %s: KV handoff from replica %d failed (%s); replica %d computes the prompt",
                             inf.req_id, inf.prefill.replica_id, ev.result.error, replica.replica_id)
                 inf.prefill.send(wpb.DaemonMessage(abort_requests=wpb.AbortRequests(request_ids=[inf.req_id])))
@@ -348,8 +359,9 @@ class Router(BatchFeeder):
     # ------------------------------------------------------------------ outputs
     def on_outputs(self, replica, outs: wpb.StepOutputs) -> None:
         if outs.step_time_s:  # before the outputs: requests finishing in this step are still in flight
-            self.meter.on_step(((s.request_id, s.num_tokens) for s in outs.shares), self._tenant_of,
-                               outs.step_time_s, num_ranks=getattr(getattr(replica, "hello", None), "num_ranks", 0))
+            self.meter.on_step(((s.request_id, s.num_tokens, s.useful_s) for s in outs.shares), self._account_of,
+                               outs.step_time_s, num_ranks=getattr(getattr(replica, "hello", None), "num_ranks", 0),
+                               replica_id=getattr(replica, "replica_id", 0))
         for o in outs.outputs:
             inf = self.inflight.get(o.request_id)
             if inf is not None and o.HasField("kv_event"):
@@ -373,9 +385,9 @@ class Router(BatchFeeder):
                 self._spawn_write(self._finish_line(inf, o))
                 self.wake()
 
-    def _tenant_of(self, req_id: str) -> str | None:
+    def _account_of(self, req_id: str) -> Account | None:
         inf = self.inflight.get(req_id)
-        return inf.tenant if inf is not None else None
+        return inf.account if inf is not None else None
 
     def _meter_chat_end(self, inf: Inflight, finish_reason: int) -> None:
         """Count a chat whose stream ends now (called once per chat; see the module docstring)."""
@@ -398,11 +410,16 @@ class Router(BatchFeeder):
                                 logprobs=inf.logprobs if inf.params.logprobs is not None else None)
             result = build_output_line(inf.item, out, self.model_name, int(time.time()), self.frontend.decode_token)
             is_error = False
+        if is_error:
+            self.meter.debit(inf.account)  # an error line delivers no work
         recorded = await asyncio.to_thread(self.store.record_result, line.batch_id, line.line_no, result, is_error)
         if recorded and not is_error:  # the line's first (and only) result: count it once
             self.meter.on_finished(inf.tenant, len(inf.prompt_ids), len(inf.token_ids))
+        elif not recorded:
+            self.meter.debit(inf.account)  # the line had a result already: this run's work is not delivered
 
     async def _requeue(self, inf: Inflight) -> None:
+        self.meter.debit(inf.account)  # the line runs again (or is cancelled): this run's work is not delivered
         await asyncio.to_thread(self.store.requeue, inf.line.batch_id, inf.line.line_no)
 
     def _spawn_write(self, coro) -> None:

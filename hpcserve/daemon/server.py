@@ -331,8 +331,10 @@ def _slurm_env(slurm) -> dict[str, str]:
 async def _usage_report(store, meter, limiter, pool, started: float, request,
                         tenant: str | None) -> serving_pb2.UsageReport:
     """``GetUsage``: the store's rows (after flushing the meter) plus live counters; ``tenant`` None =
-    every tenant (admin)."""
+    every tenant (admin), with the allocation and the economic utilization since this daemon started
+    (``daemon/utilization.py``)."""
     from hpcserve.daemon.usage_store import utc_day
+    from hpcserve.daemon.utilization import economic_utilization, share
 
     await flush_usage(meter, store)
     since = request.since_day or None
@@ -348,14 +350,30 @@ async def _usage_report(store, meter, limiter, pool, started: float, request,
     for name in sorted(set(live) - names):  # configured tenants with no usage yet
         if tenant is None or name == tenant:
             rows.append({"tenant": name, "day": "" if not request.by_day else today})
+    # from here on no await: the meter's values and the allocation are of one instant
+    admin = tenant is None
+    allocated = pool.num_ranks * (time.monotonic() - started)
+    run = meter.snapshot()  # since this daemon started
     for r in rows:
         t = live.get(r["tenant"], {})
+        mine = run.get(r["tenant"], {})
+        util = share(mine.get("useful_seconds_interactive", 0.0) + mine.get("useful_seconds_batch", 0.0), allocated)
         report.tenants.append(serving_pb2.TenantUsage(
             tenant=r["tenant"], day=r.get("day") or "", requests=int(r.get("requests", 0)),
             input_tokens=int(r.get("input_tokens", 0)), output_tokens=int(r.get("output_tokens", 0)),
             gpu_seconds=float(r.get("gpu_seconds", 0.0)), tokens_today=int(meter.tokens_today(r["tenant"])),
-            daily_token_quota=int(t.get("daily_token_quota", 0)), active_streams=int(t.get("active_streams", 0))))
-    if tenant is None:  # ranks x daemon uptime, and ranks x step time of the current worker launch
-        report.allocation_gpu_seconds = pool.num_ranks * (time.monotonic() - started)
+            daily_token_quota=int(t.get("daily_token_quota", 0)), active_streams=int(t.get("active_streams", 0)),
+            useful_seconds_interactive=float(r.get("useful_seconds_interactive", 0.0)),
+            useful_seconds_batch=float(r.get("useful_seconds_batch", 0.0)),
+            economic_utilization=util if admin and not request.by_day else 0.0))
+    if admin:  # ranks x daemon uptime, and ranks x step time of the current worker launch
+        total = meter.totals()
+        report.allocation_gpu_seconds = allocated
         report.busy_gpu_seconds = sum(r.load.busy_time_s for r in pool.replicas.values())
+        report.metered_gpu_seconds = total["gpu_seconds"]
+        report.useful_seconds_interactive = total["useful_seconds_interactive"]
+        report.useful_seconds_batch = total["useful_seconds_batch"]
+        for k, v in economic_utilization(total["useful_seconds_interactive"], total["useful_seconds_batch"],
+                                         allocated).items():
+            setattr(report, k, v)
     return report

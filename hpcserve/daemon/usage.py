@@ -1,27 +1,41 @@
-"""Per-tenant usage metering in the daemon: requests, prompt/completion tokens and GPU-seconds.
-No torch, no gRPC; everything runs on the daemon's event loop (the store write runs in a thread).
+"""Per-tenant usage metering in the daemon: requests, prompt/completion tokens, GPU-seconds and
+useful rank-seconds (economic utilization, docs/utilization.md). No torch, no gRPC; everything
+runs on the daemon's event loop (the store write runs in a thread).
 
 Interface
 - ``UsageMeter(initial_tokens_today=None, wall=time.time)``: ``initial_tokens_today`` is the
   store's ``tokens_on(utc_day())`` at daemon start (tokens of today recorded by earlier runs);
   ``wall`` is the clock that decides the UTC day (``usage_store.utc_day``, re-exported here;
   tests inject a clock).
-- ``on_step(shares, tenant_of, step_time_s, num_ranks=1)``: one engine step of one replica.
-  Its GPU time ``step_time_s * num_ranks`` is split between the requests it scheduled by token
-  share: request i with ``n_i`` of the step's ``sum(n)`` tokens gets ``step_time_s * num_ranks
-  * n_i / sum(n)``, credited to its tenant (``tenant_of``: a mapping or a callable, request id ->
-  tenant). Request ids with no known tenant (finished and forgotten by the router, or never
-  routed) and a step with time but no token go to the tenant ``UNATTRIBUTED``, so the
-  GPU-seconds recorded always sum to the replicas' step time x ranks.
+- ``Account(tenant, request_class)``: what one in-flight request has earned, kept by its owner
+  (the router's ``Inflight``): its tenant, class (``INTERACTIVE`` or ``BATCH``) and the useful
+  rank-seconds credited to it so far per replica (``useful_s``, replica id -> seconds).
+- ``on_step(shares, account_of, step_time_s, num_ranks=1, replica_id=0)``: one engine step of
+  one replica; ``shares`` are ``(request id, tokens computed, useful_s)`` (``StepShare``);
+  ``account_of`` a mapping or callable, request id -> ``Account`` or None.
+  - GPU-seconds: the step's ``step_time_s * num_ranks`` split by token share: request i with
+    ``n_i`` of the step's ``sum(n)`` tokens gets ``step_time_s * num_ranks * n_i / sum(n)``,
+    credited to its tenant. Request ids with no known account (finished and forgotten by the
+    router, or never routed) and a step with time but no token go to ``UNATTRIBUTED``, so the
+    GPU-seconds recorded always sum to the replicas' step time x ranks.
+  - Useful seconds: each share's ``useful_s * num_ranks`` (the engine's credit,
+    ``engine/useful_work.py``, at most the step's time in total) to the account's tenant and
+    class, and to the account's ``useful_s[replica_id]``. A share of an unknown request earns
+    nothing: its work cannot be delivered.
+- ``debit(account, replica_id=None)``: the account's work was never delivered (a batch line
+  requeued or given an error line; with ``replica_id``: only that replica's part, the prefill side
+  of a failed KV handoff): takes what it earned back from its tenant and class, today, and zeroes
+  it in the account. So every unit of work counts once, or not at all.
 - ``on_finished(tenant, prompt_tokens, completion_tokens)``: one request ended (the caller
   counts each request exactly once).
 - ``tokens_today(tenant)``: prompt + completion tokens of the current UTC day (initial value +
   recorded since); starts again from 0 at UTC midnight.
-- ``take_deltas()`` -> ``{(tenant, "YYYY-MM-DD"): {"requests", "input_tokens",
-  "output_tokens", "gpu_seconds"}}`` accumulated since the last take (keyed by the UTC day each
-  event happened), cleared; ``restore(deltas)`` adds them back after a failed store write.
-- ``snapshot()`` -> ``{tenant: {"requests", "input_tokens", "output_tokens", "gpu_seconds",
-  "tokens_today"}}`` since daemon start.
+- ``take_deltas()`` -> ``{(tenant, "YYYY-MM-DD"): {FIELDS...}}`` accumulated since the last take
+  (keyed by the UTC day each event happened; a debit may make a day's useful seconds negative),
+  cleared; ``restore(deltas)`` adds them back after a failed store write.
+- ``snapshot()`` -> ``{tenant: {FIELDS..., "tokens_today"}}`` since daemon start.
+- ``totals()`` -> ``{FIELDS...}`` summed over tenants since daemon start (``gpu_seconds``: every
+  step metered, ``UNATTRIBUTED`` included).
 
 Lifecycle: the daemon builds one meter, hands it to the router and starts ``run_flusher(meter,
 store)``, which every ``interval_s`` writes the deltas with ``store.add_usage(deltas)`` (one
@@ -36,20 +50,45 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
-from hpcserve.daemon.usage_store import utc_day
+from hpcserve.daemon.usage_store import USAGE_KEYS, utc_day
 
 log = logging.getLogger("hpcserve.daemon")
 
 UNATTRIBUTED = "(unattributed)"  # tenant of step time whose request is unknown to the router
-FIELDS = ("requests", "input_tokens", "output_tokens", "gpu_seconds")
+FIELDS = USAGE_KEYS  # requests, input/output tokens, gpu_seconds, useful_seconds_{interactive,batch}
+INTERACTIVE, BATCH = "interactive", "batch"  # request classes of useful seconds
 
 Deltas = dict[tuple[str, str], dict[str, float]]  # (tenant, UTC day "YYYY-MM-DD") -> amounts
-__all__ = ["FIELDS", "UNATTRIBUTED", "UsageMeter", "flush", "run_flusher", "utc_day"]
+__all__ = ["BATCH", "FIELDS", "INTERACTIVE", "UNATTRIBUTED", "Account", "UsageMeter", "flush", "run_flusher",
+           "utc_day"]
 
 
 def _zero() -> dict[str, float]:
-    return {"requests": 0, "input_tokens": 0, "output_tokens": 0, "gpu_seconds": 0.0}
+    return {k: 0 if k in ("requests", "input_tokens", "output_tokens") else 0.0 for k in FIELDS}
+
+
+def useful_key(request_class: str) -> str:
+    """The usage field of a class's useful seconds."""
+    return f"useful_seconds_{request_class}"
+
+
+@dataclass
+class Account:
+    """What one in-flight request has earned (see the module docstring)."""
+
+    tenant: str
+    request_class: str = INTERACTIVE  # INTERACTIVE | BATCH
+    useful_s: dict[int, float] = field(default_factory=dict)  # replica id -> useful rank-seconds credited
+
+    def __post_init__(self) -> None:
+        if self.request_class not in (INTERACTIVE, BATCH):
+            raise ValueError(f"request_class must be {INTERACTIVE!r} or {BATCH!r}, got {self.request_class!r}")
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.useful_s.values())
 
 
 class UsageMeter:
@@ -78,24 +117,43 @@ class UsageMeter:
             delta[k] += v
             total[k] += v
 
-    def on_step(self, shares: Iterable[tuple[str, int]], tenant_of: Mapping[str, str] | Callable[[str], str | None],
-                step_time_s: float, num_ranks: int = 1) -> None:
-        gpu_s = float(step_time_s) * max(1, int(num_ranks))
+    def on_step(self, shares: Iterable[tuple[str, int, float]],
+                account_of: Mapping[str, Account] | Callable[[str], Account | None],
+                step_time_s: float, num_ranks: int = 1, replica_id: int = 0) -> None:
+        ranks = max(1, int(num_ranks))
+        gpu_s = float(step_time_s) * ranks
         if gpu_s <= 0:
             return
-        lookup = tenant_of.get if isinstance(tenant_of, Mapping) else tenant_of
+        lookup = account_of.get if isinstance(account_of, Mapping) else account_of
         tokens: dict[str, int] = {}
-        for req_id, n in shares:
+        useful: dict[tuple[str, str], float] = {}
+        for req_id, n, useful_s in shares:
+            acct = lookup(req_id)
+            tenant = acct.tenant if acct is not None else UNATTRIBUTED
             if n > 0:
-                tenant = lookup(req_id) or UNATTRIBUTED
                 tokens[tenant] = tokens.get(tenant, 0) + int(n)
+            if acct is not None and useful_s > 0:
+                u = float(useful_s) * ranks
+                acct.useful_s[replica_id] = acct.useful_s.get(replica_id, 0.0) + u
+                key = (tenant, useful_key(acct.request_class))
+                useful[key] = useful.get(key, 0.0) + u
         total = sum(tokens.values())
         day = self._roll()
         if not total:
             self._add(UNATTRIBUTED, day, gpu_seconds=gpu_s)
-            return
         for tenant, n in tokens.items():
             self._add(tenant, day, gpu_seconds=gpu_s * n / total)
+        for (tenant, key), u in useful.items():
+            self._add(tenant, day, **{key: u})
+
+    def debit(self, account: Account, replica_id: int | None = None) -> float:
+        """Take back what ``account`` earned (on ``replica_id`` only, if given); returns the
+        rank-seconds debited."""
+        ids = list(account.useful_s) if replica_id is None else [replica_id]
+        amount = sum(account.useful_s.pop(i, 0.0) for i in ids)
+        if amount:
+            self._add(account.tenant, self._roll(), **{useful_key(account.request_class): -amount})
+        return amount
 
     def on_finished(self, tenant: str, prompt_tokens: int, completion_tokens: int) -> None:
         day = self._roll()
@@ -117,6 +175,14 @@ class UsageMeter:
             mine = self._deltas.setdefault(key, _zero())
             for k in FIELDS:
                 mine[k] += amounts.get(k, 0)
+
+    def totals(self) -> dict[str, float]:
+        """Every field summed over the tenants, since daemon start."""
+        out = _zero()
+        for row in self._totals.values():
+            for k in FIELDS:
+                out[k] += row[k]
+        return out
 
     def snapshot(self) -> dict[str, dict]:
         self._roll()

@@ -2,8 +2,9 @@
 
 Interface (methods of ``BatchStore``, table ``usage`` keyed ``(tenant, day)``):
 ``add_usage(deltas)`` adds ``{(tenant, day): {"requests": n, "input_tokens": n,
-"output_tokens": n, "gpu_seconds": s}}`` (any subset of the keys) in ONE transaction (upsert:
-a new row starts at 0); ``usage(tenant=None, since_day=None, until_day=None)`` the rows
+"output_tokens": n, "gpu_seconds": s, "useful_seconds_interactive": s, "useful_seconds_batch": s}}``
+(any subset of ``USAGE_KEYS``; useful seconds may be negative: a debit, docs/utilization.md) in ONE
+transaction (upsert: a new row starts at 0); ``usage(tenant=None, since_day=None, until_day=None)`` the rows
 (``{"tenant", "day", *USAGE_KEYS}``, days inclusive) ordered by day, tenant;
 ``usage_totals(tenant=None, since_day=None) -> {tenant: {"tenant", *USAGE_KEYS}}`` sums over
 days; ``tokens_on(day) -> {tenant: input_tokens + output_tokens}`` (for daily quotas). Module
@@ -25,8 +26,12 @@ from contextlib import AbstractContextManager
 
 from hpcserve.errors import RequestError
 
-USAGE_KEYS = ("requests", "input_tokens", "output_tokens", "gpu_seconds")
+USAGE_KEYS = ("requests", "input_tokens", "output_tokens", "gpu_seconds", "useful_seconds_interactive",
+              "useful_seconds_batch")
 _INT_KEYS = frozenset({"requests", "input_tokens", "output_tokens"})
+_UPSERT = (f"INSERT INTO usage (tenant, day, {', '.join(USAGE_KEYS)}) VALUES (?,?{',?' * len(USAGE_KEYS)}) "
+           "ON CONFLICT (tenant, day) DO UPDATE SET " + ", ".join(f"{k} = {k} + excluded.{k}" for k in USAGE_KEYS))
+_SUMS = ", ".join(f"SUM({k}) AS {k}" for k in USAGE_KEYS)
 _DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
@@ -46,7 +51,7 @@ def _usage_dict(r: sqlite3.Row, with_day: bool = True) -> dict:
     if with_day:
         d["day"] = r["day"]
     d.update({k: int(r[k] or 0) for k in _INT_KEYS})
-    d["gpu_seconds"] = float(r["gpu_seconds"] or 0.0)
+    d.update({k: float(r[k] or 0.0) for k in USAGE_KEYS if k not in _INT_KEYS})
     return {k: d[k] for k in ("tenant", "day", *USAGE_KEYS) if k in d}
 
 
@@ -73,12 +78,7 @@ class UsageStoreMixin:
         if not rows:
             return
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO usage (tenant, day, requests, input_tokens, output_tokens, gpu_seconds) "
-                "VALUES (?,?,?,?,?,?) ON CONFLICT (tenant, day) DO UPDATE SET "
-                "requests = requests + excluded.requests, input_tokens = input_tokens + excluded.input_tokens, "
-                "output_tokens = output_tokens + excluded.output_tokens, "
-                "gpu_seconds = gpu_seconds + excluded.gpu_seconds", rows)
+            db.executemany(_UPSERT, rows)
 
     def _usage_where(self, tenant: str | None, since_day: str | None,
                      until_day: str | None = None) -> tuple[str, list]:
@@ -107,9 +107,7 @@ class UsageStoreMixin:
         where, args = self._usage_where(tenant, since_day)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT tenant, SUM(requests) AS requests, SUM(input_tokens) AS input_tokens, "
-                f"SUM(output_tokens) AS output_tokens, SUM(gpu_seconds) AS gpu_seconds FROM usage{where} "
-                "GROUP BY tenant ORDER BY tenant", args).fetchall()
+                f"SELECT tenant, {_SUMS} FROM usage{where} GROUP BY tenant ORDER BY tenant", args).fetchall()
         return {r["tenant"]: _usage_dict(r, with_day=False) for r in rows}
 
     def tokens_on(self, day: str) -> dict[str, int]:

@@ -11,8 +11,10 @@ then ``add_request`` / ``abort_request`` at any time and call ``step()`` until
     outputs   = detokenize, apply stop strings, build RequestOutput deltas
 
 The engine is single-threaded: the serving daemon (later issues) drives it from
-one event loop per role. After each ``step()``, ``last_step_shares`` lists
-``(req_id, tokens computed)`` for every request that step scheduled.
+one event loop per role. After each ``step()``, ``last_step_shares`` lists a ``StepShare``
+(``req_id``, ``num_tokens`` computed for it, ``useful_s``: its useful-work credit in seconds,
+``engine/useful_work.py``) for every request that step scheduled, and ``last_step_time_s`` /
+``last_step_coefficients`` the measured time and cost-model coefficients the credits used.
 """
 
 from __future__ import annotations
@@ -29,9 +31,20 @@ from hpcserve.engine.outputs import RequestOutput
 from hpcserve.engine.request import PRIORITY_INTERACTIVE, Request, RequestStatus, SamplingParams
 from hpcserve.engine.scheduler import Scheduler
 from hpcserve.engine.step_cost import StepCostModel
+from hpcserve.engine.useful_work import claim_fresh, step_credits
 from hpcserve.errors import ModelError, RequestError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepShare:
+    """The work one step did for one request: ``num_tokens`` computed for it (the prefill chunk's
+    length, or 1 for a decode) and ``useful_s``, its useful-work credit (seconds of the step)."""
+
+    req_id: str
+    num_tokens: int
+    useful_s: float
 
 
 @dataclass
@@ -105,9 +118,11 @@ class LLMEngine:
         self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (tokens sent, logprobs sent)
         self._aborted: list[Request] = []
         self.handoff = None  # KVHandoff (engine/handoff.py) on prefill/decode replicas: attach_handoff()
-        # (req_id, tokens computed for it) of every request the last step() scheduled: the prefill
-        # chunk's length or 1 for a decode (usage accounting splits the step's time by these)
-        self.last_step_shares: list[tuple[str, int]] = []
+        # a StepShare per request the last step() scheduled (usage accounting: the step's time is
+        # split by num_tokens; useful_s is the request's useful-work credit)
+        self.last_step_shares: list[StepShare] = []
+        self.last_step_time_s = 0.0  # measured time of the last step (schedule .. update)
+        self.last_step_coefficients: tuple[float, float, float] | None = None  # cost model the credits used
 
     def attach_handoff(self, connector, rank: int, target_group_bytes: int = 2 << 20):
         """Make this replica a producer and/or consumer of KV handoffs over ``connector``
@@ -221,12 +236,18 @@ class LLMEngine:
         self._aborted = []
         t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
-        self.last_step_shares = [(s.req_id, s.num_new_tokens) for s in sched_out.seqs]
+        seqs = sched_out.seqs
+        fresh = claim_fresh(seqs, self.scheduler.requests)  # before update_from_output forgets finished ones
         sampled = self.runner.execute(sched_out)
         events = self.scheduler.update_from_output(sched_out, sampled)
-        if sched_out.seqs:
-            ctx = sum(s.context_len for s in sched_out.seqs)
-            self.cost_model.observe(sched_out.num_batched_tokens, ctx, time.perf_counter() - t0)
+        self.last_step_shares, self.last_step_time_s = [], 0.0
+        if seqs:
+            dt = time.perf_counter() - t0
+            coef = self.last_step_coefficients = self.cost_model.coefficients  # the model this step was built with
+            credits = step_credits(seqs, fresh, dt, coef)
+            self.last_step_shares = [StepShare(s.req_id, s.num_new_tokens, u) for s, u in zip(seqs, credits)]
+            self.last_step_time_s = dt
+            self.cost_model.observe(sched_out.num_batched_tokens, sum(s.context_len for s in seqs), dt)
         for req, _ in events:
             if self.handoff is not None and self.handoff.is_held(req.req_id):
                 self._detok.pop(req.req_id, None)  # prefill-only: its KV is the output

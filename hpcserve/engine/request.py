@@ -7,7 +7,9 @@ Lifecycle of a ``Request`` (``status``):
        └──── PREEMPTED ◄─────┘   (blocks freed; recomputed from prompt + output so far)
     any state ──abort──► FINISHED_ABORTED
 
-``num_computed_tokens`` counts tokens whose KV is in the cache. A step schedules
+``num_computed_tokens`` counts tokens whose KV is in the cache; ``num_credited_tokens`` is the
+high-water mark of the positions ever computed for the request, which preemption does not reset
+(useful-work credit is earned once per position: ``hpcserve.engine.useful_work``). A step schedules
 ``num_new_tokens`` more (a prefill chunk, or 1 for decode); when a step reaches the
 end of the known tokens the runner samples one new token, appended by
 ``Scheduler.update_from_output``.
@@ -148,6 +150,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first schedule)
+        self.num_credited_tokens = 0  # high-water mark of computed positions (useful_work); never reset
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of this request's full blocks
         self.num_preemptions = 0

@@ -490,7 +490,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, since_day: _Optional[str] = ..., by_day: _Optional[bool] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
-    __slots__ = ("tenant", "day", "requests", "input_tokens", "output_tokens", "gpu_seconds", "tokens_today", "daily_token_quota", "active_streams")
+    __slots__ = ("tenant", "day", "requests", "input_tokens", "output_tokens", "gpu_seconds", "tokens_today", "daily_token_quota", "active_streams", "useful_seconds_interactive", "useful_seconds_batch", "economic_utilization")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -500,6 +500,9 @@ class TenantUsage(_message.Message):
     TOKENS_TODAY_FIELD_NUMBER: _ClassVar[int]
     DAILY_TOKEN_QUOTA_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    USEFUL_SECONDS_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    USEFUL_SECONDS_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ECONOMIC_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     day: str
     requests: int
@@ -509,17 +512,32 @@ class TenantUsage(_message.Message):
     tokens_today: int
     daily_token_quota: int
     active_streams: int
-    def __init__(self, tenant: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., tokens_today: _Optional[int] = ..., daily_token_quota: _Optional[int] = ..., active_streams: _Optional[int] = ...) -> None: ...
+    useful_seconds_interactive: float
+    useful_seconds_batch: float
+    economic_utilization: float
+    def __init__(self, tenant: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., tokens_today: _Optional[int] = ..., daily_token_quota: _Optional[int] = ..., active_streams: _Optional[int] = ..., useful_seconds_interactive: _Optional[float] = ..., useful_seconds_batch: _Optional[float] = ..., economic_utilization: _Optional[float] = ...) -> None: ...
 
 class UsageReport(_message.Message):
-    __slots__ = ("tenants", "allocation_gpu_seconds", "busy_gpu_seconds")
+    __slots__ = ("tenants", "allocation_gpu_seconds", "busy_gpu_seconds", "useful_seconds_interactive", "useful_seconds_batch", "economic_utilization", "economic_utilization_interactive", "economic_utilization_batch", "metered_gpu_seconds")
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BUSY_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USEFUL_SECONDS_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    USEFUL_SECONDS_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ECONOMIC_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    ECONOMIC_UTILIZATION_INTERACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ECONOMIC_UTILIZATION_BATCH_FIELD_NUMBER: _ClassVar[int]
+    METERED_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
     allocation_gpu_seconds: float
     busy_gpu_seconds: float
-    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., allocation_gpu_seconds: _Optional[float] = ..., busy_gpu_seconds: _Optional[float] = ...) -> None: ...
+    useful_seconds_interactive: float
+    useful_seconds_batch: float
+    economic_utilization: float
+    economic_utilization_interactive: float
+    economic_utilization_batch: float
+    metered_gpu_seconds: float
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., allocation_gpu_seconds: _Optional[float] = ..., busy_gpu_seconds: _Optional[float] = ..., useful_seconds_interactive: _Optional[float] = ..., useful_seconds_batch: _Optional[float] = ..., economic_utilization: _Optional[float] = ..., economic_utilization_interactive: _Optional[float] = ..., economic_utilization_batch: _Optional[float] = ..., metered_gpu_seconds: _Optional[float] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
