@@ -43,12 +43,14 @@ HTTP_STATUS = {"invalid_argument": 400, "not_found": 404, "already_exists": 409,
 class ApiError(HpcserveError):
     """A request failed; ``code`` is one of ``CODES``. ``param`` names the offending field."""
 
-    def __init__(self, code: str, message: str, retry_after_s: float | None = None, param: str | None = None):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None, param: str | None = None,
+                 http_status: int | None = None):
         super().__init__(message)
         self.code = code if code in CODES else "internal"
         self.message = message
         self.retry_after_s = retry_after_s
         self.param = param
+        self.http_status = http_status  # overrides HTTP_STATUS[code] (e.g. 413 for a storage quota)
 
 
 def api_error(exc: Exception) -> ApiError:
@@ -59,8 +61,9 @@ def api_error(exc: Exception) -> ApiError:
     if isinstance(exc, RequestError):
         mapped = {"already_exists": "already_exists", "unavailable": "unavailable"}.get(code, "invalid_argument")
         return ApiError(mapped, str(exc), param=exc.field)
-    if code in CODES:  # AuthError: unauthenticated | permission_denied | resource_exhausted
-        return ApiError(code, str(exc), retry_after_s=getattr(exc, "retry_after_s", None))
+    if code in CODES:  # AuthError: unauthenticated | permission_denied | resource_exhausted; StorageQuotaExceeded
+        return ApiError(code, str(exc), retry_after_s=getattr(exc, "retry_after_s", None),
+                        http_status=getattr(exc, "http_status", None))
     return ApiError("internal", str(exc))
 
 

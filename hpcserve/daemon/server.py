@@ -98,6 +98,7 @@ class _Daemon:
         from hpcserve.api.auth import TenantAuthInterceptor
         from hpcserve.api.batch_api import BatchApi
         from hpcserve.api.servicer import ServingServicer
+        from hpcserve.daemon.batch_policy import BatchPolicy
         from hpcserve.daemon.batches import BatchStore
         from hpcserve.daemon.endpoint import write_endpoint
         from hpcserve.daemon.limits import Limiter
@@ -129,6 +130,7 @@ class _Daemon:
                         chat_pack_limit=cfg.daemon.chat_pack_limit, meter=meter)
         router.exclude_tenants = limiter.exhausted_tenants  # over the daily quota: their lines wait
         admission = Admission(router, frontend, tenants, limiter, model_name, cfg.model.path)
+        batch_policy = BatchPolicy(cfg.slo.batch_completion_windows, cfg.slo.batch_completion_window)
         server = grpc.aio.server(interceptors=[TenantAuthInterceptor(tenants)], options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20),
             ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail, not share it
@@ -150,7 +152,7 @@ class _Daemon:
             launch_env=_slurm_env(slurm), tls_ca_pem=tls.cert_pem.decode() if tls else None)
         router.pool = pool
         servicer = ServingServicer(
-            admission=admission, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
+            admission=admission, batch_api=BatchApi(store, batch_policy),
             num_ranks=cfg.daemon.ranks, state_dir=str(state), allocation=_allocation_info(),
             usage=functools.partial(_usage_report, store, meter, limiter, pool, time.monotonic()),
             on_drain=self._on_drain_rpc)
@@ -169,7 +171,7 @@ class _Daemon:
             from hpcserve.config_tables import _parse_listen
             from hpcserve.daemon.tls import http_ssl_context
 
-            gateway = HttpGateway(admission, store, cfg.slo.batch_completion_window)
+            gateway = HttpGateway(admission, store, batch_policy)
             http_host, http_port = _parse_listen(cfg.daemon.http)
             try:
                 http_port = await gateway.start(http_host, http_port, http_ssl_context(tls) if tls else None)
