@@ -2,7 +2,7 @@
 
 Lifecycle (``serve(config) -> exit code``, one asyncio event loop)::
 
-    start   lock the state dir, open the batch store and recover it (running lines → pending,
+    start   make the state dir private (0700, umask 077), lock it, open the batch store and recover it (running lines → pending,
             files of closing batches rewritten), resolve the model (the demo is converted once)
             and load its tokenizer
     listen  one grpc.aio server (TLS when [tls] is set): Serving (API keys → tenants),
@@ -40,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hpcserve.api.v1 import serving_pb2, serving_pb2_grpc, worker_pb2_grpc
+from hpcserve.daemon.state_dir import PRIVATE_UMASK, prepare_state_dir
 from hpcserve.daemon.usage import flush as flush_usage
 from hpcserve.daemon.usage import run_flusher
 from hpcserve.errors import HpcserveError
@@ -111,7 +112,8 @@ class _Daemon:
 
         cfg = self.config
         state = cfg.daemon.state_path
-        state.mkdir(parents=True, exist_ok=True)
+        os.umask(PRIVATE_UMASK)  # every file the daemon and its workers create is private (0600 / 0700)
+        prepare_state_dir(state)
         tls = load_tls(cfg.tls.cert_file, cfg.tls.key_file)
         tenants = Tenants(cfg.tenants, cfg.keys_path)
         store = BatchStore(state)
