@@ -103,6 +103,7 @@ class _Daemon:
         from hpcserve.daemon.batches import BatchStore
         from hpcserve.daemon.endpoint import write_endpoint
         from hpcserve.daemon.limits import Limiter
+        from hpcserve.daemon.loop_lag import LoopLag
         from hpcserve.daemon.router import Router
         from hpcserve.daemon.tenants import Tenants
         from hpcserve.daemon.tls import bind_grpc, load_tls
@@ -131,7 +132,10 @@ class _Daemon:
                         dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas,
                         chat_pack_limit=cfg.daemon.chat_pack_limit, meter=meter)
         router.exclude_tenants = limiter.exhausted_tenants  # over the daily quota: their lines wait
-        admission = Admission(router, frontend, tenants, limiter, model_name, cfg.model.path)
+        router.cache_salt = tenants.cache_salt  # isolate-prefix-cache: a tenant's own KV-cache namespace
+        admission = Admission(router, frontend, tenants, limiter, model_name, cfg.model.path,
+                              max_prompt_bytes=cfg.daemon.max_prompt_bytes,
+                              max_prompt_tokens=cfg.daemon.max_prompt_tokens)
         batch_policy = BatchPolicy(cfg.slo.batch_completion_windows, cfg.slo.batch_completion_window)
         server = grpc.aio.server(interceptors=[TenantAuthInterceptor(tenants)], options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20),
@@ -153,11 +157,12 @@ class _Daemon:
             start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router, disagg=_disagg_spec(cfg),
             launch_env=_slurm_env(slurm), tls_ca_pem=tls.cert_pem.decode() if tls else None)
         router.pool = pool
+        loop_lag = LoopLag()
         servicer = ServingServicer(
             admission=admission, batch_api=BatchApi(store, batch_policy),
             num_ranks=cfg.daemon.ranks, state_dir=str(state), allocation=_allocation_info(),
             usage=functools.partial(_usage_report, store, meter, limiter, pool, time.monotonic()),
-            on_drain=self._on_drain_rpc)
+            on_drain=self._on_drain_rpc, loop_lag=loop_lag.max_s)
         serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
         worker_pb2_grpc.add_WorkerLinkServicer_to_server(pool, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -197,6 +202,7 @@ class _Daemon:
         feeder = asyncio.create_task(router.run_feeder())
         health_task = asyncio.create_task(self._track_health(health_servicer, router))
         flusher = asyncio.create_task(run_flusher(meter, store))
+        lag_task = asyncio.create_task(loop_lag.run())
         stop_wait = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait([pool_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         exit_code = 1 if pool.fatal else 0
@@ -228,12 +234,14 @@ class _Daemon:
         await asyncio.gather(pool_task, feeder, return_exceptions=True)
         await router.flush_writes()
         flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
+        lag_task.cancel()
+        await asyncio.gather(flusher, lag_task, return_exceptions=True)
         await flush_usage(meter, store)
         if gateway is not None:
             await gateway.stop()
         await server.stop(grace=1.0)
         remove_endpoint(state)
+        admission.close()
         store.close()
         if pool.fatal:
             log.error("%s", pool.fatal)

@@ -12,7 +12,8 @@ then ``add_request`` / ``abort_request`` at any time and call ``step()`` until
 
 The engine is single-threaded: the serving daemon (later issues) drives it from
 one event loop per role. After each ``step()``, ``last_step_shares`` lists
-``(req_id, tokens computed)`` for every request that step scheduled.
+``(req_id, tokens computed)`` for every request that step scheduled, and ``last_token_time`` is
+the wall-clock (unix) time at which its tokens were sampled: the server's TTFT/ITL come from it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class LLMEngine:
         # (req_id, tokens computed for it) of every request the last step() scheduled: the prefill
         # chunk's length or 1 for a decode (usage accounting splits the step's time by these)
         self.last_step_shares: list[tuple[str, int]] = []
+        self.last_token_time = 0.0  # unix time at which the last step's tokens were sampled
 
     def attach_handoff(self, connector, rank: int, target_group_bytes: int = 2 << 20):
         """Make this replica a producer and/or consumer of KV handoffs over ``connector``
@@ -143,12 +145,14 @@ class LLMEngine:
         return self.frontend.tokenize(prompt)
 
     def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = PRIORITY_INTERACTIVE, prefill_only: bool = False) -> Request:
+                    priority: int = PRIORITY_INTERACTIVE, prefill_only: bool = False,
+                    cache_salt: str = "") -> Request:
         """Queue a request. ``priority``: ``PRIORITY_INTERACTIVE`` (0) runs ahead of
         ``PRIORITY_BATCH`` (1) in every step; see the scheduler. ``prefill_only`` (a prefill
         replica, needs ``attach_handoff``): compute the prompt, keep its KV for a handoff and
-        produce no output unless it is aborted."""
-        req = self._new_request(req_id, prompt, params, priority)
+        produce no output unless it is aborted. ``cache_salt``: the prefix-cache namespace (see
+        ``kv_cache``; "" = shared)."""
+        req = self._new_request(req_id, prompt, params, priority, cache_salt)
         if prefill_only:
             if self.handoff is None:
                 raise RequestError("prefill_only needs a KV handoff connector on this replica", code="server_error")
@@ -159,23 +163,24 @@ class LLMEngine:
 
     def add_remote_request(self, req_id: str, prompt: list[int], params: SamplingParams, priority: int,
                            src_rank: int, src_block_ids: list[int], num_tokens: int,
-                           num_cached_tokens: int = 0) -> Request:
+                           num_cached_tokens: int = 0, cache_salt: str = "") -> Request:
         """Queue a request whose first ``num_tokens`` prompt tokens' KV arrives from the prefill
         replica at ``src_rank`` (its blocks ``src_block_ids``); see ``engine/handoff.py``."""
         if self.handoff is None:
             raise RequestError("remote_prefill needs a KV handoff connector on this replica", code="server_error")
-        req = self._new_request(req_id, prompt, params, priority)
+        req = self._new_request(req_id, prompt, params, priority, cache_salt)
         req.num_cached_tokens = num_cached_tokens
         self.handoff.add_remote(req, src_rank, src_block_ids, num_tokens)
         return req
 
-    def _new_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int) -> Request:
+    def _new_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int,
+                     cache_salt: str = "") -> Request:
         if req_id in self.scheduler.requests or (self.handoff is not None and self.handoff.owns(req_id)):
             raise RequestError(f"request id {req_id!r} is already in use", field="req_id")
         params.validate()
         ids = self.tokenize(prompt)
         self.frontend.check_length(len(ids), params)
-        req = Request(req_id, ids, params, self.eos_token_ids, priority=priority)
+        req = Request(req_id, ids, params, self.eos_token_ids, priority=priority, cache_salt=cache_salt)
         self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self._sent[req_id] = (0, 0)
         return req
@@ -223,6 +228,7 @@ class LLMEngine:
         self.last_step_shares = [(s.req_id, s.num_new_tokens) for s in sched_out.seqs]
         sampled = self.runner.execute(sched_out)
         events = self.scheduler.update_from_output(sched_out, sampled)
+        self.last_token_time = time.time()  # when this step's tokens were sampled (unix s; clients compare)
         if sched_out.seqs:
             ctx = sum(s.context_len for s in sched_out.seqs)
             self.cost_model.observe(sched_out.num_batched_tokens, ctx, time.perf_counter() - t0)
