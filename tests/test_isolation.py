@@ -235,8 +235,9 @@ def test_prompt_byte_cap(site):
 
 def test_large_prompts_are_tokenized_off_the_event_loop(site, tiny_model_factory):
     """While bob streams, alice sends prompts of ~3 MB of text (within the byte cap; over the context
-    after tokenizing, so 400). Tokenizing one takes seconds here; the daemon's event loop must
-    not stall for anything like that: its lag stays under half the tokenizer's time."""
+    after tokenizing, so 400) and the over-limit tenant floods the same. Tokenizing one takes seconds
+    here; the daemon's event loop must not stall for anything like that: its lag stays under half the
+    tokenizer's time (on the loop it would be at least that time)."""
     from transformers import AutoTokenizer
 
     d, served = site["daemon"], site["daemon"].info().model
@@ -251,8 +252,15 @@ def test_large_prompts_are_tokenized_off_the_event_loop(site, tiny_model_factory
         results.append(http(site, "alice", "/v1/chat/completions",
                             {"model": served, "messages": [{"role": "user", "content": text}], "max_tokens": 1}))
 
+    flood = []
+
+    def send_over_limit():  # flood used its one request a minute in an earlier test (or now)
+        flood.append(http(site, "flood", "/v1/chat/completions",
+                          {"model": served, "messages": [{"role": "user", "content": text}], "max_tokens": 1}))
+
     stream = complete(site, "bob", [7, 8, 9], max_tokens=200)
-    senders = [threading.Thread(target=send) for _ in range(2)]
+    senders = [threading.Thread(target=send) for _ in range(2)] + [threading.Thread(target=send_over_limit)
+                                                                    for _ in range(6)]
     for t in senders:
         t.start()
     for t in senders:
@@ -260,6 +268,7 @@ def test_large_prompts_are_tokenized_off_the_event_loop(site, tiny_model_factory
     assert len(list(stream)) > 1
     assert [s for s, _ in results] == [400, 400], results
     assert all("context length" in b["error"]["message"] for _, b in results)
+    assert [s for s, _ in flood].count(429) >= 5, flood  # refused before tokenizing (one may be its first)
     lag = d.info().event_loop_lag_max_s
     print(f"event-loop lag {lag:.3f} s, tokenizing one prompt {tokenize_s:.2f} s")
     assert lag < tokenize_s / 2, (lag, tokenize_s)
