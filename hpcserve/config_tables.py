@@ -19,7 +19,7 @@ from hpcserve.errors import HpcserveError
 
 DTYPES = ("float32", "bfloat16")
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_WINDOW_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_WINDOW_RE = re.compile(r"^([1-9][0-9]*)([smhd])$")
 
 
 class ConfigError(HpcserveError, ValueError):
@@ -59,11 +59,11 @@ def _parse_listen(value: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _window_seconds(value: str) -> float | None:
-    m = _WINDOW_RE.match(value.strip())
-    if not m or float(m.group(1)) <= 0:
-        return None
-    return float(m.group(1)) * _WINDOW_UNITS[m.group(2)]
+def window_seconds(value: object) -> int | None:
+    """A batch completion window (``"24h"``: a positive integer and a unit s|m|h|d) in seconds;
+    None when malformed. The one parser of windows (site config and batch API)."""
+    m = _WINDOW_RE.match(value.strip()) if isinstance(value, str) else None
+    return int(m.group(1)) * _WINDOW_UNITS[m.group(2)] if m else None
 
 
 class _Section:
@@ -73,6 +73,8 @@ class _Section:
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if isinstance(getattr(self, f.name), list) and _kind(f)[0] == _STR_LIST:  # kept as tuples (hashable)
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
             msg = _type_problem(f, getattr(self, f.name))
             if msg:
                 raise ConfigError(f"{self.TABLE}.{_kebab(f.name)}: {msg}", key=f"{self.TABLE}.{_kebab(f.name)}")
@@ -149,6 +151,11 @@ class DaemonSection(_Section):
                                         "are checkpointed at once and resume on the next start).")
     http: str = _opt("", "HOST:PORT of the OpenAI-compatible HTTP API (/v1); empty = no HTTP.",
                      example="127.0.0.1:8000")
+    max_prompt_bytes: int = _opt(4 << 20, "Largest prompt a chat or completion request may send, in bytes of "
+                                          "text (all messages together); larger ones are refused before they are "
+                                          "tokenized (400 / INVALID_ARGUMENT).")
+    max_prompt_tokens: int = _opt(0, "Most prompt tokens per request; 0 = the model's context length.",
+                                  example=32768)
 
     def _problems(self):
         out = []
@@ -165,8 +172,8 @@ class DaemonSection(_Section):
         return (out + _at_least(self, "ranks", 1) + _at_least(self, "worker_restart_limit", 0)
                 + _at_least(self, "worker_start_timeout_s", 0, strict=True) + _at_least(self, "drain_timeout_s", 0)
                 + _at_least(self, "dedicated_chat_replicas", 0) + _at_least(self, "batch_watermark", 1)
-                + _at_least(self, "chat_pack_limit", 0)
-                + self._split_problems())
+                + _at_least(self, "chat_pack_limit", 0) + _at_least(self, "max_prompt_bytes", 1)
+                + _at_least(self, "max_prompt_tokens", 0) + self._split_problems())
 
     def _split_problems(self):
         out = []
@@ -205,19 +212,32 @@ class SloSection(_Section):
     batch_step_slowdown: float = _opt(0.2, "Batch work may make an engine step that carries chat tokens at most "
                                            "this fraction slower (predicted by the online step-time model).")
     batch_completion_window: str = _opt("24h", 'Batch target: finish a batch within this window ("90m", "24h", "2d"; '
-                                               'units s m h d).')
+                                               'units s m h d); the window of a batch that names none.')
+    batch_completion_windows: tuple[str, ...] = _opt(("24h",), "The completion windows a batch may ask for (OpenAI's "
+                                                     "completion_window); others are refused with this list. Batches "
+                                                     "are fed earliest deadline first, so a short window is a "
+                                                     "priority: list only the ones the site grants.",
+                                                     example=["1h", "24h"])
 
     def _problems(self):
         out = (_at_least(self, "chat_ttft_p99_s", 0, strict=True) + _at_least(self, "chat_itl_p99_s", 0, strict=True)
                + _at_least(self, "batch_step_slowdown", 0))
-        if _window_seconds(self.batch_completion_window) is None:
-            out.append(("batch_completion_window", ('expected a positive number and a unit s|m|h|d like "24h", '
+        if window_seconds(self.batch_completion_window) is None:
+            out.append(("batch_completion_window", ('expected a positive integer and a unit s|m|h|d like "24h", '
                                                     f"got {self.batch_completion_window!r}")))
+        bad = [w for w in self.batch_completion_windows if window_seconds(w) is None]
+        if not self.batch_completion_windows or bad:
+            out.append(("batch_completion_windows", ('expected a non-empty list of windows like ["24h"] (a positive '
+                                                     f"integer and a unit s|m|h|d), got {list(self.batch_completion_windows)!r}")))
+        elif self.batch_completion_window not in self.batch_completion_windows:
+            out.append(("batch_completion_window", (f"{self.batch_completion_window!r} is not one of "
+                                                    f"slo.batch-completion-windows {list(self.batch_completion_windows)!r}; "
+                                                    "add it there or pick one of them")))
         return out
 
     @property
     def batch_completion_window_s(self) -> float:
-        return _window_seconds(self.batch_completion_window)  # type: ignore[return-value]  # validated
+        return window_seconds(self.batch_completion_window)  # type: ignore[return-value]  # validated
 
 
 ROLES = ("mixed", "prefill", "decode")
@@ -389,11 +409,14 @@ class TenantSection(_Section):
     daily_token_quota: int = _opt(0, "Tokens in+out per UTC day, chat and batch together; 0 = unlimited.")
     max_concurrent_streams: int = _opt(0, "Chat streams (requests) in flight at once; 0 = unlimited.")
     admin: bool = _opt(False, "Admin tenants may drain the daemon, see server-wide stats and every tenant's usage.")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.models, list):  # TOML gives a list; stored as a tuple so the section stays hashable
-            object.__setattr__(self, "models", tuple(self.models))
-        super().__post_init__()
+    input_dirs: tuple[str, ...] = _opt((), "Directories under which this tenant may name batch input files by path "
+                                           "(SubmitBatch input_path, resolved with symlinks followed); empty = by "
+                                           "path only for admin tenants, others send the content.",
+                                       example=["/lustre/projects/alice"])
+    isolate_prefix_cache: bool = _opt(False, "Salt this tenant's KV prefix-cache blocks so no other tenant can hit "
+                                             "them (closes the cache-timing side channel; costs sharing).")
+    storage_quota_gb: float = _opt(0.0, "Most GiB of uploaded files (and inline batch inputs) this tenant may keep "
+                                        "in the state dir; 0 = unlimited.")
 
     def _problems(self):
         out = []
@@ -403,8 +426,21 @@ class TenantSection(_Section):
             out.append(("models", f'contains an empty name ({list(self.models)!r}); list model names or "*"'))
         if self.max_priority not in PRIORITIES:
             out.append(("max_priority", f"must be one of {', '.join(PRIORITIES)}, got {self.max_priority!r}"))
+        if any(not os.path.isabs(os.path.expanduser(os.path.expandvars(d))) for d in self.input_dirs):
+            out.append(("input_dirs", f"must be absolute directories, got {list(self.input_dirs)!r}"))
         return (out + _at_least(self, "requests_per_minute", 0) + _at_least(self, "tokens_per_minute", 0)
-                + _at_least(self, "daily_token_quota", 0) + _at_least(self, "max_concurrent_streams", 0))
+                + _at_least(self, "daily_token_quota", 0) + _at_least(self, "max_concurrent_streams", 0)
+                + _at_least(self, "storage_quota_gb", 0))
+
+    @property
+    def input_paths(self) -> tuple[Path, ...]:
+        """``input_dirs`` with ~ and $VARS expanded."""
+        return tuple(Path(os.path.expanduser(os.path.expandvars(d))) for d in self.input_dirs)
+
+    @property
+    def storage_quota_bytes(self) -> int:
+        """``storage_quota_gb`` in bytes; 0 = unlimited."""
+        return int(self.storage_quota_gb * (1 << 30))
 
     def allows_model(self, model: str) -> bool:
         return "*" in self.models or model in self.models

@@ -19,6 +19,7 @@ from hpcserve.api.batch_api import BatchApi, batch_from_proto, batch_to_proto
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import serving_pb2_grpc, worker_pb2, worker_pb2_grpc
 from hpcserve.batch.openai_format import build_error_line
+from hpcserve.daemon.batch_policy import BatchPolicy
 from hpcserve.daemon.batches import BatchStore
 
 TOKEN = "s3cret-token"
@@ -41,7 +42,7 @@ def jsonl(*lines: str) -> bytes:
 @pytest.fixture
 def env(tmp_path):
     store = BatchStore(tmp_path / "state")
-    api = BatchApi(store, "24h")
+    api = BatchApi(store, BatchPolicy(("1h", "2h", "24h")))
     api.poll_interval_s = 0.05
     servicer = FakeServing(api)
     server = ServerThread(servicer, token=TOKEN)
@@ -113,7 +114,7 @@ def test_errors_are_clear_statuses(env, tmp_path, monkeypatch):
 
     missing = tmp_path / "missing.jsonl"
     cases = [
-        (pb.SubmitBatchRequest(input_jsonl=jsonl(req("a")), completion_window="soon"), "completion_window: must look"),
+        (pb.SubmitBatchRequest(input_jsonl=jsonl(req("a")), completion_window="soon"), "completion_window: must be one of '1h', '2h', '24h'"),
         (pb.SubmitBatchRequest(input_path=str(missing)),
          (f"input_path: {missing} does not exist or is not readable by the daemon; pass the file's content instead "
           "(hpcserve submit sends it inline)")),

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from hpcserve.api.batch_api import BatchApi
 from hpcserve.api.client import Client, DaemonUnreachable, Unauthenticated, resolve_token
 from hpcserve.cli import main
+from hpcserve.daemon.batch_policy import BatchPolicy
 from hpcserve.daemon.batches import BatchStore
 from hpcserve.daemon.endpoint import Endpoint, write_endpoint
 
@@ -40,7 +41,7 @@ class Daemon:
     def __init__(self, tmp_path: Path):
         self.state = tmp_path / "state"
         self.store = BatchStore(self.state)
-        self.api = BatchApi(self.store, "24h")
+        self.api = BatchApi(self.store, BatchPolicy(("1h", "2h", "24h")))
         self.api.poll_interval_s = 0.05
         self.servicer = FakeServing(self.api)
         self.server = ServerThread(self.servicer, token=TOKEN)
@@ -169,7 +170,7 @@ def test_usage_errors_and_unreachable(daemon, tmp_path):
     r = daemon.run("submit", str(tmp_path / "nope.jsonl"))
     assert r.exit_code == 2 and "input file" in one_error_line(r) and "does not exist" in r.stderr
     r = daemon.run("submit", str(inp), "--completion-window", "soon")
-    assert r.exit_code == 2 and "completion_window: must look like" in one_error_line(r)
+    assert r.exit_code == 2 and "completion_window: must be one of" in one_error_line(r)
     r = daemon.run("results", "batch_x", "-o", str(tmp_path / "no-dir" / "o.jsonl"))
     assert r.exit_code == 2 and "does not exist" in one_error_line(r)
 

@@ -69,6 +69,7 @@ ranks = 4
 mpiexec = "/opt/mpi/bin/mpiexec"
 [slo]
 batch-completion-window = "90m"
+batch-completion-windows = ["90m", "24h"]
 """)
     c = load_config(p, env=NO_ENV)
     assert c.model == dataclasses.replace(c.model, path="/models/qwen", dtype="bfloat16", max_model_len=4096)

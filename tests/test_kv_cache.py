@@ -362,3 +362,37 @@ def test_reset_prefix_cache_drops_free_hashes_only():
     assert kv.find_cached_prefix(mkreq("qa", list(range(9)))) == ([], 0)
     assert kv.find_cached_prefix(mkreq("qb", list(range(50, 59))))[1] == 8
     check_consistent(kv, [b])
+
+
+# ---------------------------------------------------------------- keyed hashes and salts
+def test_hashes_are_keyed_blake2b_per_manager():
+    a, b = KVCacheManager(10, BS), KVCacheManager(10, BS)
+    ra, rb = mkreq("a", list(range(3, 12))), mkreq("b", list(range(3, 12)))
+    admit(a, ra)
+    admit(b, rb)
+    compute_all(a, ra)
+    compute_all(b, rb)
+    assert len(ra.block_hashes) == 2 and all(isinstance(h, bytes) and len(h) == 16 for h in ra.block_hashes)
+    assert ra.block_hashes != rb.block_hashes  # a random key per manager: nobody can precompute them
+    same = KVCacheManager(10, BS, hash_key=a.hash_key)
+    rc = mkreq("c", list(range(3, 12)))
+    admit(same, rc)
+    compute_all(same, rc)
+    assert rc.block_hashes == ra.block_hashes  # ... and a pure function of (key, salt, tokens)
+
+
+def test_cache_salt_separates_namespaces():
+    kv = KVCacheManager(20, BS)
+    prompt = list(range(3, 14))  # 2 full blocks + 3 tokens
+    first = mkreq("x", prompt)
+    admit(kv, first)
+    compute_all(kv, first)
+    kv.free(first)
+    assert admit(kv, mkreq("same", prompt)) == 8  # the shared namespace ("") hits
+    assert admit(kv, Request("iso", prompt, SamplingParams(), cache_salt="tenant:iso")) == 0
+    iso = Request("iso2", prompt, SamplingParams(), cache_salt="tenant:iso")
+    admit(kv, iso)
+    compute_all(kv, iso)
+    kv.free(iso)
+    assert admit(kv, Request("iso3", prompt, SamplingParams(), cache_salt="tenant:iso")) == 8  # its own blocks
+    assert admit(kv, Request("other", prompt, SamplingParams(), cache_salt="tenant:other")) == 0

@@ -441,3 +441,22 @@ def test_rendered_defaults_hold_the_default_tenant(tmp_path):
     text = render_defaults()
     assert "[tenants.default]" in text and "admin = true" in text and 'models = ["*"]' in text
     assert load_config(write(tmp_path, text), env=NO_ENV).tenants == SiteConfig().tenants
+
+
+def test_precheck_refuses_what_admit_would_and_charges_nothing():
+    clock = FakeClock()
+    lim = limiter(clock, requests_per_minute=2, tokens_per_minute=100, max_concurrent_streams=5)
+    lim.precheck("a")  # nothing used yet
+    lim.admit("a", 100).finish()  # the token window is now full
+    err = exhausted(lambda: lim.precheck("a"))
+    assert "tokens-per-minute" in str(err) and err.retry_after_s == 60
+    clock.t += 61
+    lim.precheck("a")
+    lim.admit("a", 1).finish()
+    lim.admit("a", 1).finish()
+    assert "requests-per-minute" in str(exhausted(lambda: lim.precheck("a")))
+    before = lim.snapshot()["a"]
+    for _ in range(3):
+        exhausted(lambda: lim.precheck("a"))
+    assert lim.snapshot()["a"] == before  # refusals are never charged
+    lim.precheck("b")  # other tenants are unaffected

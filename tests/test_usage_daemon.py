@@ -191,12 +191,13 @@ def test_router_meters_chat_batch_abort_requeue_and_errors(frontend, tmp_path):
                                              for i in range(3)).encode(), tenant="carol")
         a = router.submit("chat-a", [5] * 7, SamplingParams(max_tokens=3), CHAT, tenant="alice")
         b = router.submit("chat-b", [6] * 3, SamplingParams(max_tokens=9), CHAT, tenant="bob")
+        A, B = a.req_id, b.req_id  # the router's own ids (the replicas see these)
         await router._feed_once()
         added = _added(r0, r1)
         line_no = {rid: router.inflight[rid].line.line_no for rid in added if rid.startswith("batch-")}
         lines = sorted(line_no, key=line_no.get)
         assert len(lines) == 3 and {added[rid][1].request_class for rid in lines} == {pb.REQUEST_CLASS_BATCH}
-        tenant_of = {"chat-a": "alice", "chat-b": "bob", **{rid: "carol" for rid in lines}}
+        tenant_of = {A: "alice", B: "bob", **{rid: "carol" for rid in lines}}
         steps = Steps(router, tenant_of)
         plen = {rid: len(add.prompt_token_ids) for rid, (_, add) in added.items()}
         for rep in (r0, r1):  # one prefill step per replica (plus an id the router does not know)
@@ -207,10 +208,11 @@ def test_router_meters_chat_batch_abort_requeue_and_errors(frontend, tmp_path):
         l0, l1, l2 = lines
         # decodes: chat-a stops after 3 tokens; chat-b is aborted after 1; line 0 ends by length,
         # line 1 is aborted (checkpoint: requeued), line 2 is rejected with an error
-        steps.step(where["chat-a"], 0.1, [("chat-a", 1)], [_out("chat-a", [12])])
-        steps.step(where["chat-a"], 0.1, [("chat-a", 1)], [_out("chat-a", [13], pb.FINISH_REASON_STOP)])
-        assert router.abort("chat-b")
-        steps.step(where["chat-b"], 0.05, [], [_out("chat-b", [], pb.FINISH_REASON_ABORT)])
+        steps.step(where[A], 0.1, [(A, 1)], [_out(A, [12])])
+        steps.step(where[A], 0.1, [(A, 1)], [_out(A, [13], pb.FINISH_REASON_STOP)])
+        assert not router.abort_for("alice", "chat-b")  # another tenant's id: nothing happens
+        assert router.abort_for("bob", "chat-b")
+        steps.step(where[B], 0.05, [], [_out(B, [], pb.FINISH_REASON_ABORT)])
         steps.step(where[l0], 0.2, [(l0, 1)], [_out(l0, [7, 8, 9], pb.FINISH_REASON_LENGTH)])
         steps.step(where[l1], 0.1, [(l1, 1)], [_out(l1, [7], pb.FINISH_REASON_ABORT)])
         steps.step(where[l2], 0.1, [], [_out(l2, [], pb.FINISH_REASON_ERROR, error_code="bad", error_message="x")])
@@ -250,17 +252,17 @@ def test_worker_loss_counts_the_chat_once_and_the_batch_line_after_its_rerun(fro
         rep = _replica(0)
         router = _router(frontend, store, rep)
         store.create_batch(chat_line("only", "hello", max_tokens=2).encode(), tenant="carol")
-        router.submit("chat", [4] * 6, SamplingParams(max_tokens=5), CHAT, tenant="alice")
+        chat = router.submit("chat", [4] * 6, SamplingParams(max_tokens=5), CHAT, tenant="alice").req_id
         await router._feed_once()
         added = _added(rep)
         line = next(rid for rid in added if rid.startswith("batch-"))
-        steps = Steps(router, {"chat": "alice", line: "carol"})
-        steps.step(rep, 0.4, [("chat", 6), (line, len(added[line][1].prompt_token_ids))],
-                   [_out("chat", [1]), _out(line, [1])])
+        steps = Steps(router, {chat: "alice", line: "carol"})
+        steps.step(rep, 0.4, [(chat, 6), (line, len(added[line][1].prompt_token_ids))],
+                   [_out(chat, [1]), _out(line, [1])])
         router.on_lost("rank 0 exited")  # the chat's stream ends; the line goes back to pending
         await router.flush_writes()
         # outputs of the lost launch that still arrive are ignored
-        router.on_outputs(rep, wpb.StepOutputs(outputs=[_out("chat", [2], pb.FINISH_REASON_STOP)]))
+        router.on_outputs(rep, wpb.StepOutputs(outputs=[_out(chat, [2], pb.FINISH_REASON_STOP)]))
         assert _counts(router.meter) == {"alice": (1, 6, 1)}
         router.on_ready()
         await router._feed_once()
@@ -282,34 +284,34 @@ def test_disaggregated_requests_are_metered_on_both_replicas_and_counted_once(fr
         router = _router(frontend, store, p, d)
         assert router.disaggregated
         store.create_batch(chat_line("l", "a longer prompt for the batch line", max_tokens=3).encode(), tenant="carol")
-        router.submit("chat-e", [3] * 9, SamplingParams(max_tokens=2), CHAT, tenant="erin")
-        router.submit("chat-f", [3] * 5, SamplingParams(max_tokens=2), CHAT, tenant="fred")
+        E = router.submit("chat-e", [3] * 9, SamplingParams(max_tokens=2), CHAT, tenant="erin").req_id
+        F = router.submit("chat-f", [3] * 5, SamplingParams(max_tokens=2), CHAT, tenant="fred").req_id
         await router._feed_once()
         on_p = _added(p)
         assert _added(d) == {} and all(a.prefill_only for _, a in on_p.values())
         line = next(rid for rid in on_p if rid.startswith("batch-"))
         plen = {rid: len(a.prompt_token_ids) for rid, (_, a) in on_p.items()}
-        steps = Steps(router, {"chat-e": "erin", "chat-f": "fred", line: "carol"})
+        steps = Steps(router, {E: "erin", F: "fred", line: "carol"})
         # prefill-only step on P: shares, no output
         steps.step(p, 0.5, [(rid, n) for rid, n in plen.items()])
-        assert router.abort("chat-f")  # fred's abort crosses the end of its prefill
-        for rid in ("chat-e", "chat-f", line):
+        assert router.abort_for("fred", "chat-f")  # fred's abort crosses the end of its prefill
+        for rid in (E, F, line):
             router.on_outputs(p, wpb.StepOutputs(outputs=[_out(rid, kv_event=wpb.KvEvent(ready=wpb.KvReady(
                 block_ids=[1], num_tokens=plen[rid] - 1)))]))
         on_d = _added(d)
-        assert set(on_d) == {"chat-e", line} and all(a.HasField("remote_prefill") for _, a in on_d.values())
+        assert set(on_d) == {E, line} and all(a.HasField("remote_prefill") for _, a in on_d.values())
         assert _counts(router.meter) == {"fred": (1, 5, 0)}
         # P's abort output for fred arrives later: already counted
-        router.on_outputs(p, wpb.StepOutputs(outputs=[_out("chat-f", [], pb.FINISH_REASON_ABORT)]))
+        router.on_outputs(p, wpb.StepOutputs(outputs=[_out(F, [], pb.FINISH_REASON_ABORT)]))
         for rid in on_d:
             router.on_outputs(d, wpb.StepOutputs(outputs=[_out(rid, kv_event=wpb.KvEvent(recv_meta_json="{}"))]))
         # erin's transfer fails: D computes the prompt itself, P releases (and reports an abort)
         router.on_outputs(d, wpb.StepOutputs(outputs=[
-            _out("chat-e", kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=False))),
+            _out(E, kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=False))),
             _out(line, kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=True)))]))
-        router.on_outputs(p, wpb.StepOutputs(outputs=[_out("chat-e", [], pb.FINISH_REASON_ABORT)]))
-        steps.step(d, 0.2, [("chat-e", plen["chat-e"]), (line, 1)], [_out("chat-e", [1]), _out(line, [1])])
-        steps.step(d, 0.1, [("chat-e", 1), (line, 1)], [_out("chat-e", [2], pb.FINISH_REASON_LENGTH), _out(line, [2])])
+        router.on_outputs(p, wpb.StepOutputs(outputs=[_out(E, [], pb.FINISH_REASON_ABORT)]))
+        steps.step(d, 0.2, [(E, plen[E]), (line, 1)], [_out(E, [1]), _out(line, [1])])
+        steps.step(d, 0.1, [(E, 1), (line, 1)], [_out(E, [2], pb.FINISH_REASON_LENGTH), _out(line, [2])])
         steps.step(d, 0.1, [(line, 1)], [_out(line, [3], pb.FINISH_REASON_LENGTH)])
         await router.flush_writes()
         assert _counts(router.meter) == {"fred": (1, 5, 0), "erin": (1, 9, 2), "carol": (1, plen[line], 3)}

@@ -69,3 +69,60 @@ def test_worker_with_wrong_secret_is_refused(tiny_model_factory, tmp_path):
         assert daemon.stop() == 0, daemon.log_tail()
     finally:
         reap_all()
+
+
+def _hello(secret: str | None, replica_id: int = 0) -> wpb.WorkerMessage:
+    hello = wpb.Hello(replica_id=replica_id, num_ranks=1, hostname="intruder", pid=1)
+    if secret is not None:
+        hello.secret = secret
+    return wpb.WorkerMessage(hello=hello)
+
+
+def test_empty_secret_is_refused_before_the_first_launch(tmp_path):
+    """Before its first launch the pool's own secret is empty too: an empty (or absent) secret must
+    still be refused, never compared equal."""
+    import asyncio
+
+    from hpcserve.daemon.workers import WorkerPool
+
+    async def main() -> list[grpc.StatusCode]:
+        pool = WorkerPool(num_ranks=1, launcher=["false"], engine_fields={}, link_address="", log_dir=tmp_path,
+                          restart_limit=0, start_timeout_s=1.0, router=None)
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerLinkServicer_to_server(pool, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = worker_pb2_grpc.WorkerLinkStub(ch)
+                for secret in ("", None):
+                    call = stub.Connect(iter([_hello(secret)]), timeout=30)
+                    try:
+                        async for _ in call:
+                            pass
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code())
+        finally:
+            await server.stop(None)
+        assert not pool.replicas  # nothing was registered
+        return codes
+
+    assert asyncio.run(main()) == [grpc.StatusCode.PERMISSION_DENIED] * 2
+
+
+def test_empty_secret_is_refused_by_a_serving_daemon(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("llama")
+    daemon = Daemon(tmp_path / "state", model, ranks=1).start()
+    try:
+        with grpc.insecure_channel(daemon.address) as ch:
+            stub = worker_pb2_grpc.WorkerLinkStub(ch)
+            for secret in ("", None):
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stub.Connect(iter([_hello(secret, replica_id=1)]), timeout=30))
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert daemon.info().is_ready
+        assert daemon.stop() == 0, daemon.log_tail()
+    finally:
+        reap_all()

@@ -1,6 +1,6 @@
 """The batch RPCs of ``hpcserve.api.v1.Serving`` over a ``BatchStore``. No torch.
 
-Interface: ``BatchApi(store, default_completion_window="24h")`` has the grpc.aio servicer
+Interface: ``BatchApi(store, policy=BatchPolicy())`` has the grpc.aio servicer
 methods ``SubmitBatch``, ``GetBatch``, ``ListBatches``, ``CancelBatch`` (coroutines) and
 ``StreamBatchResults`` (an async generator); the daemon's servicer delegates to them with
 ``(request, context)`` unchanged. ``batch_to_proto(d)`` / ``batch_from_proto(pb)`` convert
@@ -8,7 +8,9 @@ between the store's OpenAI-shaped batch dict and ``serving_pb2.Batch``.
 
 Tenancy: every call acts for ``current_principal()``'s tenant (``"default"`` when the server
 has no auth interceptor, e.g. in tests): batches are created for it, and another tenant's batch
-is NOT_FOUND exactly like an unknown id.
+is NOT_FOUND exactly like an unknown id. ``daemon.batch_policy.BatchPolicy`` decides the rest:
+the completion windows the site grants, which files a tenant may name by ``input_path``
+(PERMISSION_DENIED otherwise) and its storage quota for inline inputs (RESOURCE_EXHAUSTED).
 
 Lifecycle: one instance per daemon, sharing the daemon's store (created and ``recover()``-ed
 by the daemon, which also runs the lines). Every store call runs in ``asyncio.to_thread``.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -35,7 +36,8 @@ import grpc
 from hpcserve.api.auth import current_principal
 from hpcserve.api.v1 import serving_pb2
 from hpcserve.batch.openai_format import URLS
-from hpcserve.daemon.batches import TERMINAL, BatchNotFound, BatchStore, parse_completion_window
+from hpcserve.daemon.batch_policy import BatchPolicy
+from hpcserve.daemon.batches import TERMINAL, BatchNotFound, BatchStore
 from hpcserve.errors import HpcserveError, RequestError
 
 log = logging.getLogger("hpcserve.api.batch")
@@ -44,7 +46,6 @@ DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 _PAGE = 500  # result lines read from the store per thread hop
-_INLINE_HINT = "pass the file's content instead (hpcserve submit sends it inline)"
 _TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
                "expired_at", "cancelling_at", "cancelled_at")
 
@@ -58,10 +59,9 @@ class BatchApi:
 
     poll_interval_s = 0.3
 
-    def __init__(self, store: BatchStore, default_completion_window: str = "24h"):
-        parse_completion_window(default_completion_window)  # a bad site config fails at start
+    def __init__(self, store: BatchStore, policy: BatchPolicy | None = None):
         self.store = store
-        self.default_completion_window = default_completion_window
+        self.policy = policy if policy is not None else BatchPolicy()
 
     # ---------------------------------------------------------------- helpers
 
@@ -77,8 +77,9 @@ class BatchApi:
                                                     "daemon; `hpcserve status` lists the batches")
         except RequestError as exc:
             code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except HpcserveError as exc:
-            code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        except HpcserveError as exc:  # AuthError (permission_denied), StorageQuotaExceeded (resource_exhausted)
+            code = getattr(grpc.StatusCode, str(getattr(exc, "code", "")).upper(), grpc.StatusCode.FAILED_PRECONDITION)
+            msg = str(exc)
         except Exception as exc:  # never a traceback to the client: log it here
             log.exception("%s failed", method)
             code = grpc.StatusCode.INTERNAL
@@ -107,10 +108,9 @@ class BatchApi:
         if kind is None:
             await self._invalid(context, "input: set input_jsonl (the JSONL content) or input_path "
                                          "(an absolute path the daemon can read)")
-        window = request.completion_window or self.default_completion_window
         endpoint = request.endpoint or None
         try:
-            parse_completion_window(window)
+            window = self.policy.window(request.completion_window)
             if endpoint is not None and endpoint not in URLS:
                 raise _Invalid(f"endpoint: must be {' or '.join(URLS)}, or empty to take it from the "
                                f"lines' url; got {endpoint!r}")
@@ -122,26 +122,16 @@ class BatchApi:
         if msg is not None:
             await self._invalid(context, msg)
 
-        tenant = self._tenant()
+        principal = current_principal()
+        tenant = principal.tenant if principal is not None else "default"
+        quota = self.policy.quota_bytes(principal)
 
         def create() -> dict:
             if kind == "input_jsonl":
                 return self.store.create_batch(request.input_jsonl, window, metadata, endpoint=endpoint,
-                                               tenant=tenant)
-            path = request.input_path
-            if not os.path.isabs(path):
-                raise _Invalid(f"input_path: {path!r} is relative and the daemon's working directory "
-                               f"is not yours; pass an absolute path on a shared file system, or {_INLINE_HINT}")
-            unreadable = _Invalid(f"input_path: {path} does not exist or is not readable by the daemon; "
-                                  f"{_INLINE_HINT}")
-            if not os.path.isfile(path) or not os.access(path, os.R_OK):
-                raise unreadable
-            try:
-                return self.store.create_batch(path, window, metadata, endpoint=endpoint, tenant=tenant)
-            except (RequestError, BatchNotFound):
-                raise
-            except (HpcserveError, OSError):
-                raise unreadable from None
+                                               tenant=tenant, quota_bytes=quota)
+            f, name = self.policy.open_input(principal, request.input_path)
+            return self.store.create_batch(f, window, metadata, endpoint=endpoint, tenant=tenant, input_name=name)
 
         return batch_to_proto(await self._run(context, "SubmitBatch", create))
 

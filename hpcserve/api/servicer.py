@@ -17,7 +17,8 @@ draining), PERMISSION_DENIED (model or RPC not allowed for the tenant), RESOURCE
 request). A stream that ends early for any reason (client cancel, disconnect, error) aborts
 its request on the replica, which frees its KV blocks.
 
-Admin keys only: ``Drain``; ``CreateKey`` / ``ListKeys`` / ``RevokeKey`` (the daemon's keys file); the replicas, allocation and state dir in ``GetServerInfo``; every
+Admin keys only: ``Drain``; ``CreateKey`` / ``ListKeys`` / ``RevokeKey`` (the daemon's keys file); the replicas,
+allocation, state dir and event-loop lag in ``GetServerInfo``; every
 tenant's rows in ``GetUsage`` (other keys get their own tenant's).
 
 Batch RPCs are delegated to ``api.batch_api.BatchApi``; submits and cancels wake the router.
@@ -44,7 +45,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
     def __init__(self, *, admission, batch_api, num_ranks: int, state_dir: str, allocation=None,
-                 usage=None, on_drain=None) -> None:
+                 usage=None, on_drain=None, loop_lag=None) -> None:
         self.admission = admission
         self.router = admission.router
         self.frontend = admission.frontend
@@ -56,6 +57,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         self.allocation = allocation  # callable -> pb.Allocation | None
         self.usage = usage  # callable(GetUsageRequest, tenant or None for all) -> pb.UsageReport
         self.on_drain = on_drain  # callable: start the daemon's graceful stop
+        self.loop_lag = loop_lag  # callable -> worst event-loop lateness over the last minute (s)
         self.started = time.monotonic()
 
     @property
@@ -84,8 +86,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             messages.append({"role": ROLES[m.role], "content": m.content})
         if not messages:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages: give at least one message")
-        async for chunk in self._stream(request, context, lambda: self.frontend.apply_chat_template(messages),
-                                        pb.ChatChunk):
+        async for chunk in self._stream(request, context, messages, pb.ChatChunk, chat=True):
             yield chunk
 
     async def Complete(self, request, context):
@@ -94,11 +95,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "prompt: set prompt_text or prompt_token_ids")
         prompt = request.prompt_text if which == "prompt_text" else list(request.prompt_token_ids.ids)
-        async for chunk in self._stream(request, context, lambda: self.frontend.tokenize(prompt),
-                                        pb.CompletionChunk):
+        async for chunk in self._stream(request, context, prompt, pb.CompletionChunk):
             yield chunk
 
-    async def _stream(self, request, context, make_ids, chunk_cls):
+    async def _stream(self, request, context, prompt, chunk_cls, chat: bool = False):
         principal = current_principal()
 
         def make_params(num_prompt_tokens: int):
@@ -106,15 +106,15 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                                        self.frontend.default_max_tokens(num_prompt_tokens, DEFAULT_MAX_TOKENS))
         try:
             adm = await self.admission.admit(
-                principal, request.model, make_ids, make_params,
+                principal, request.model, prompt, make_params,
                 request.request_class or pb.REQUEST_CLASS_INTERACTIVE,
-                request.request_id if request.HasField("request_id") else None)
+                request.request_id if request.HasField("request_id") else None, chat=chat)
         except ApiError as exc:
             await abort_with(context, exc)
         inf = adm.inf
         try:
             async for ev in adm.events():
-                chunk = chunk_cls(request_id=inf.req_id, text=ev.new_text, token_ids=ev.new_token_ids)
+                chunk = chunk_cls(request_id=inf.client_id, text=ev.new_text, token_ids=ev.new_token_ids)
                 if ev.new_logprobs:
                     chunk.logprobs.extend(logprobs_to_proto(logprobs_from_proto(ev.new_logprobs),
                                                             self.frontend.decode_token))
@@ -131,7 +131,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             adm.close()  # client went away or the stream failed: free the replica; end the tenant's lease
 
     async def Abort(self, request, context):
-        return pb.AbortResponse(is_aborted=self.router.abort(request.request_id))
+        """Only the caller's tenant's requests: another tenant's id is unknown (nothing is aborted)."""
+        principal = current_principal()
+        tenant = principal.tenant if principal is not None else "default"
+        return pb.AbortResponse(is_aborted=self.router.abort_for(tenant, request.request_id))
 
     # ------------------------------------------------------------------ batches
     async def SubmitBatch(self, request, context):
@@ -170,6 +173,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         replicas = sorted(pool.replicas.values(), key=lambda r: r.replica_id) if pool else []
         info.replicas.extend(r.info() for r in replicas)
         info.state_dir = self.state_dir
+        if self.loop_lag is not None:
+            info.event_loop_lag_max_s = self.loop_lag()
         alloc = await asyncio.to_thread(self.allocation) if self.allocation else None  # may run squeue
         if alloc is not None:
             info.allocation.CopyFrom(alloc)
@@ -228,7 +233,7 @@ def _key_info(rec) -> pb.ApiKeyInfo:
 
 
 def _metrics(inf) -> pb.RequestMetrics:
-    """Where the request ran and its KV handoff, for the last chunk."""
+    """Where the request ran, its KV handoff and its token timings, for the last chunk."""
     decode = inf.replica.replica_id
     m = pb.RequestMetrics(prefill_replica_id=inf.prefill.replica_id if inf.disaggregated else decode,
                           decode_replica_id=decode, disaggregated=inf.disaggregated,
@@ -236,6 +241,9 @@ def _metrics(inf) -> pb.RequestMetrics:
     if inf.disaggregated:
         m.kv_handoff_s, m.kv_handoff_bytes = inf.kv_handoff_s, inf.kv_handoff_bytes
         m.kv_handoff_failed = inf.kv_result is False
+    if inf.times is not None:
+        for k, v in inf.times.as_dict().items():
+            setattr(m, k, v)
     return m
 
 

@@ -190,6 +190,7 @@ class ReplicaLoop:
                     is_batch = self._is_batch.pop(o.req_id, False) if o.finished else self._is_batch.get(o.req_id)
                     self.num_output_tokens[bool(is_batch)] += len(o.new_token_ids)
                 dt = time.perf_counter() - t0
+                out.token_time = self.engine.last_token_time  # the engine's timestamp of these tokens
                 out.step_time_s = dt  # usage accounting: the step's time, split by these token shares
                 out.shares.extend(wpb.StepShare(request_id=sh.req_id, num_tokens=sh.num_tokens, useful_s=sh.useful_s)
                                   for sh in self.engine.last_step_shares)
@@ -221,10 +222,11 @@ class ReplicaLoop:
                 if a.HasField("remote_prefill"):
                     rp = a.remote_prefill
                     self.engine.add_remote_request(a.request_id, list(a.prompt_token_ids), params, prio, rp.src_rank,
-                                                   list(rp.src_block_ids), rp.num_tokens, rp.num_cached_tokens)
+                                                   list(rp.src_block_ids), rp.num_tokens, rp.num_cached_tokens,
+                                                   cache_salt=a.cache_salt)
                 else:
                     self.engine.add_request(a.request_id, list(a.prompt_token_ids), params, priority=prio,
-                                            prefill_only=a.prefill_only)
+                                            prefill_only=a.prefill_only, cache_salt=a.cache_salt)
                 if not a.prefill_only:
                     self._is_batch[a.request_id] = prio == PRIORITY_BATCH
             except RequestError as exc:

@@ -81,6 +81,7 @@ def up(config_path: str, template: str, wait_s: float) -> None:
     own successor, so the service outlives one allocation's walltime.
     """
     from hpcserve.config import load_config
+    from hpcserve.daemon.state_dir import prepare_state_dir
     from hpcserve.slurm.render import render
 
     config = str(Path(config_path).resolve())
@@ -92,11 +93,11 @@ def up(config_path: str, template: str, wait_s: float) -> None:
             click.echo(f"hpcserve is already up at {client.address} (state dir {state}); "
                        f"stop it with `hpcserve down --config {config_path}`")
         return
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "logs").mkdir(exist_ok=True)
+    prepare_state_dir(state)  # private: the daemon keeps every tenant's prompts and outputs there
+    (state / "logs").mkdir(mode=0o700, exist_ok=True)
     script = state / template
     script.write_text(render(template, cfg, config_path=config, hpcserve=_hpcserve_exe()))
-    script.chmod(0o755)
+    script.chmod(0o700)
     job = _slurm("sbatch", "--parsable", str(script)).strip().split(";")[0]
     click.echo(f"submitted {script} as Slurm job {job}", err=True)
     if wait_s <= 0:

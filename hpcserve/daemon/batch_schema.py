@@ -15,12 +15,12 @@ objects, ``hpcserve.daemon.files``) and the ``usage`` table (per tenant and UTC 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from hpcserve.batch.openai_format import BatchItem, BatchLineError, LineParser, build_error_line, parse_line
+from hpcserve.config_tables import window_seconds
 from hpcserve.errors import HpcserveError, RequestError
 
 SCHEMA_VERSION = 1  # nothing deployed yet: the schema still changes in place
@@ -29,8 +29,6 @@ STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "c
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
               "cancelling_at", "cancelled_at", "expires_at", "expired_at")
-_WINDOW_RE = re.compile(r"^([1-9][0-9]*)([smhd])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_BATCH_ERRORS = 10  # line errors copied into batch.errors when the whole file fails
 
 # lines.done_seq: 1, 2, ... per batch in the order results were stored (validation errors
@@ -118,11 +116,11 @@ class ClaimedLine:
 
 def parse_completion_window(window: str) -> int:
     """``"24h"`` -> seconds; also ``s``/``m``/``d`` units."""
-    m = _WINDOW_RE.match(window) if isinstance(window, str) else None
-    if m is None:
+    seconds = window_seconds(window)
+    if seconds is None:
         raise RequestError(f"completion_window: must look like \"24h\" (number + s/m/h/d), "
                            f"got {window!r}", field="completion_window")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
+    return seconds
 
 
 def _count(v: object) -> int:

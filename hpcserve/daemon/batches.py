@@ -67,6 +67,7 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from hpcserve.daemon.batch_schema import (
     SCHEMA,
@@ -149,11 +150,14 @@ class BatchStore(FileStoreMixin, UsageStoreMixin):
 
     # ------------------------------------------------------------------ batches
 
-    def create_batch(self, jsonl: bytes | str | os.PathLike, completion_window: str = "24h",
+    def create_batch(self, jsonl: bytes | str | os.PathLike | BinaryIO, completion_window: str = "24h",
                      metadata: dict | None = None, tenant: str = "default",
-                     endpoint: str | None = None, input_file_id: str | None = None) -> dict:
+                     endpoint: str | None = None, input_file_id: str | None = None,
+                     input_name: str | None = None, quota_bytes: int = 0) -> dict:
         """Validate and store a batch input file (bytes, or a path: with ``input_file_id``, the
-        ``file_path`` of that file of the tenant's); return the batch object."""
+        ``file_path`` of that file of the tenant's; or a binary file object the caller opened, named
+        ``input_name`` in the batch object); return the batch object. Inline bytes are kept as a file
+        of the tenant's and count against ``quota_bytes`` (0 = unlimited; ``StorageQuotaExceeded``)."""
         window_s = parse_completion_window(completion_window)
         if metadata is not None and not isinstance(metadata, dict):
             raise RequestError("metadata: must be an object of string keys and values", field="metadata")
@@ -167,8 +171,13 @@ class BatchStore(FileStoreMixin, UsageStoreMixin):
         out_dir = self.state_dir / "batches" / batch_id
         new_file = None  # (filename, bytes) of a file row to register for inline input
         if isinstance(jsonl, (bytes, bytearray)):
+            if quota_bytes and input_file_id is None:  # early, before writing its copy (checked again when stored)
+                with self._lock:
+                    self._check_quota(self._db, tenant, quota_bytes, len(jsonl))
             f, input_file = io.BytesIO(bytes(jsonl)), out_dir / "input.jsonl"
             new_file = ("input.jsonl", len(jsonl)) if input_file_id is None else None
+        elif callable(getattr(jsonl, "read", None)):
+            f, input_file = jsonl, Path(input_name or "input.jsonl")
         else:
             try:
                 f = open(jsonl, "rb")  # noqa: SIM115 - closed below
@@ -189,7 +198,7 @@ class BatchStore(FileStoreMixin, UsageStoreMixin):
                     input_file.with_name("input.jsonl.tmp").write_bytes(f.getbuffer())
                     os.replace(input_file.with_name("input.jsonl.tmp"), input_file)
                 self._validate(batch_id, f, endpoint, now,
-                               new_file and (tenant, *new_file, input_file.absolute()))
+                               new_file and (tenant, *new_file, input_file.absolute()), quota_bytes)
             except BaseException:  # e.g. a read error: the caller gets no batch, drop it
                 with self._tx() as db:
                     db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
@@ -201,10 +210,11 @@ class BatchStore(FileStoreMixin, UsageStoreMixin):
             return self.get_batch(batch_id)
 
     def _validate(self, batch_id: str, f: io.BufferedIOBase, endpoint: str | None, now: int,
-                  new_file: tuple[str, str, int, Path] | None) -> None:
+                  new_file: tuple[str, str, int, Path] | None, quota_bytes: int = 0) -> None:
         with self._tx() as db:
             if new_file is not None:  # (tenant, filename, bytes, path) of the stored inline input
                 tenant, name, nbytes, path = new_file
+                self._check_quota(db, tenant, quota_bytes, nbytes)
                 file_id = self._register_file(db, tenant, "batch", name, nbytes, path, batch_id=batch_id)
                 db.execute("UPDATE batches SET input_file_id=? WHERE id=?", (file_id, batch_id))
             total, bad, endpoint, first_errors = store_lines(db, batch_id, f, endpoint)

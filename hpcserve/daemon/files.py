@@ -47,6 +47,21 @@ MAX_FILENAME_CHARS = 255
 _UPLOAD_NAME_RE = re.compile(r"^file-[0-9a-f]{24}(\.tmp)?$")
 
 
+class StorageQuotaExceeded(HpcserveError):
+    """Storing more would take a tenant over its ``tenants.NAME.storage-quota-gb``
+    (RESOURCE_EXHAUSTED / HTTP 413)."""
+
+    code = "resource_exhausted"
+    http_status = 413
+
+    def __init__(self, tenant: str, quota_bytes: int, used_bytes: int, adding_bytes: int | None = None):
+        more = f" and this file needs {adding_bytes} more" if adding_bytes is not None else ""
+        super().__init__(f"tenant {tenant} stores {used_bytes} bytes of files{more}, over its quota "
+                         f"(tenants.{tenant}.storage-quota-gb = {quota_bytes / 2**30:g} GiB); delete files it no "
+                         "longer needs (DELETE /v1/files/ID) or ask the site admin to raise the quota")
+        self.tenant, self.quota_bytes, self.used_bytes = tenant, quota_bytes, used_bytes
+
+
 class FileNotFound(HpcserveError):
     """No (live) file with this id for this tenant."""
 
@@ -83,22 +98,24 @@ def _too_large() -> RequestError:
                         "split it into smaller files", field="file")
 
 
-def _write_upload(data: bytes | bytearray | memoryview | BinaryIO, tmp: Path) -> int:
-    """Write ``data`` to ``tmp`` (chunked, fsynced); return its size."""
+def _write_upload(data: bytes | bytearray | memoryview | BinaryIO, tmp: Path,
+                  too_large: Callable[[int], Exception | None]) -> int:
+    """Write ``data`` to ``tmp`` (chunked, fsynced); return its size. ``too_large(size)`` returns the
+    error to raise once ``size`` bytes are more than may be stored (checked as the bytes come)."""
     size = 0
     with open(tmp, "xb") as f:
         if isinstance(data, (bytes, bytearray, memoryview)):
             size = len(data)
-            if size > MAX_FILE_BYTES:
-                raise _too_large()
+            if (err := too_large(size)) is not None:
+                raise err
             f.write(data)
         else:
             while chunk := data.read(CHUNK_BYTES):
                 if not isinstance(chunk, (bytes, bytearray, memoryview)):
                     raise TypeError("create_file: data must be bytes or a file object opened in binary mode")
                 size += len(chunk)
-                if size > MAX_FILE_BYTES:
-                    raise _too_large()
+                if (err := too_large(size)) is not None:
+                    raise err
                 f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
@@ -123,8 +140,30 @@ class FileStoreMixin:
             raise FileNotFound(str(file_id))
         return row
 
-    def create_file(self, data: bytes | BinaryIO, filename: str, purpose: str, tenant: str) -> dict:
-        """Store an uploaded file; return its File object."""
+    def stored_bytes(self, tenant: str) -> int:
+        """Bytes of the tenant's live uploads and inline batch inputs (what its storage quota counts;
+        the daemon's own batch output files are not counted)."""
+        with self._lock:
+            return self._stored_bytes(self._db, tenant)
+
+    @staticmethod
+    def _stored_bytes(db: sqlite3.Connection, tenant: str) -> int:
+        marks = ",".join("?" * len(UPLOAD_PURPOSES))
+        return int(db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant=? AND deleted=0 AND "
+                              f"purpose IN ({marks})", (tenant, *UPLOAD_PURPOSES)).fetchone()[0])
+
+    def _check_quota(self, db: sqlite3.Connection, tenant: str, quota_bytes: int, adding: int) -> None:
+        """Raise ``StorageQuotaExceeded`` if ``adding`` more bytes take ``tenant`` over ``quota_bytes``
+        (0 = unlimited); inside the transaction that stores them, so concurrent uploads cannot both pass."""
+        if quota_bytes:
+            used = self._stored_bytes(db, tenant)
+            if used + adding > quota_bytes:
+                raise StorageQuotaExceeded(tenant, quota_bytes, used, adding)
+
+    def create_file(self, data: bytes | BinaryIO, filename: str, purpose: str, tenant: str,
+                    quota_bytes: int = 0) -> dict:
+        """Store an uploaded file; return its File object. ``quota_bytes`` (0 = unlimited): the most
+        the tenant may store in all (``StorageQuotaExceeded``; the upload stops as soon as it is over)."""
         if purpose not in UPLOAD_PURPOSES:
             accepted = ", ".join(f'"{p}"' for p in UPLOAD_PURPOSES)
             why = "cannot be uploaded here" if purpose in FILE_PURPOSES else "is not a file purpose"
@@ -141,9 +180,18 @@ class FileStoreMixin:
             raise HpcserveError(f"cannot create the file store {folder}: {exc}") from None
         file_id = new_file_id()
         path, tmp = folder / file_id, folder / (file_id + ".tmp")
+        left = quota_bytes - self.stored_bytes(tenant) if quota_bytes else None
+
+        def too_large(size: int) -> Exception | None:
+            if size > MAX_FILE_BYTES:
+                return _too_large()
+            if left is not None and size > left:
+                return StorageQuotaExceeded(tenant, quota_bytes, quota_bytes - left, size)
+            return None
         try:
-            size = _write_upload(data, tmp)  # outside the lock: uploads may be large
+            size = _write_upload(data, tmp, too_large)  # outside the lock: uploads may be large
             with self._tx() as db:
+                self._check_quota(db, tenant, quota_bytes, size)  # again: another upload may have landed
                 db.execute("INSERT INTO files (id, tenant, purpose, filename, bytes, created_at, path, status) "
                            "VALUES (?,?,?,?,?,?,?,'processed')",
                            (file_id, tenant, purpose, name, size, int(time.time()), str(path)))

@@ -3,6 +3,7 @@
 Interface::
 
     Limiter(policies, tokens_today, clock=time.monotonic, wall=time.time)
+        .precheck(tenant)                       # the same refusal for any request, before any work
         .admit(tenant, est_tokens) -> Lease     # AuthError("resource_exhausted", retry_after_s=...) when over
         .exhausted_tenants() -> set[str]        # daily quota used up today
         .snapshot() -> {tenant: {active_streams, requests_last_minute, tokens_last_minute,
@@ -137,6 +138,24 @@ class Limiter:
             entry = [now, est]
             u.tokens.append(entry)
         return Lease(self, tenant, entry)
+
+    def precheck(self, tenant: str) -> None:
+        """Raise the AuthError ``admit`` would raise for any request of ``tenant`` right now (streams,
+        requests per minute, a tokens-per-minute window already full, daily quota), charging nothing.
+        Admission calls it before tokenizing, so an over-limit tenant costs the daemon no work;
+        ``admit`` still decides (with the request's tokens)."""
+        p = self._policy(tenant)
+        used_today = self._tokens_today(tenant) if p.daily_token_quota else 0
+        with self._lock:
+            now = self._clock()
+            u = self._usage[tenant]
+            u.prune(now)
+            self._check_concurrency(tenant, p, u)
+            self._check_rpm(tenant, p, u, now)
+            if p.tokens_per_minute and u.window_tokens() >= p.tokens_per_minute:
+                self._check_tpm(tenant, p, u, now, 1)
+            if p.daily_token_quota and used_today >= p.daily_token_quota:
+                raise self._quota_error(tenant, p, used_today)
 
     def _finish(self, lease: Lease, actual_tokens: int | None) -> None:
         with self._lock:

@@ -2,12 +2,18 @@
 batch feeding. No torch; runs on the daemon's event loop.
 
 Interfaces
-- Servicer: ``await wait_ready(timeout)``, ``submit(req_id, ids, params, request_class,
-  tenant="default") -> Inflight`` (then ``async for item in inflight.events()``), ``abort(req_id)``.
+- Servicer: ``await wait_ready(timeout)``, ``submit(client_id, ids, params, request_class,
+  tenant="default") -> Inflight`` (then ``async for item in inflight.events()``),
+  ``abort_for(tenant, client_id)`` (a client's Abort: only its own tenant's requests),
+  ``abort(req_id)`` (the daemon's own, by the router's id). Client ids are scoped per tenant: the
+  router runs every request under a fresh id of its own, so one tenant can neither see, block nor
+  abort another's request ids.
 - ``WorkerPool`` callbacks: ``on_ready()``, ``on_outputs(replica, StepOutputs)``, ``on_lost(reason)``.
 - Batch feeding (``feeder.BatchFeeder``, a mixin): ``run_feeder()`` (a task), ``wake()`` after a
   submit or cancel; ``exclude_tenants`` (None or a callable returning tenants whose lines must
   not be claimed now, e.g. over quota).
+- Prefix-cache isolation: ``cache_salt`` (tenant -> salt, set by the daemon from the tenants'
+  ``isolate-prefix-cache``) goes with every request of that tenant, chat and batch.
 - Usage: ``meter`` (``usage.UsageMeter``, given or a fresh one). Each ``StepOutputs`` with a
   ``step_time_s`` is metered (its time x the replica's ranks, split by token share between the
   tenants of the scheduled requests; each share's useful seconds to the request's ``Account``,
@@ -76,6 +82,7 @@ from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.api.v1 import worker_pb2 as wpb
 from hpcserve.batch.openai_format import build_error_line, build_output_line
 from hpcserve.daemon.feeder import BatchFeeder
+from hpcserve.daemon.token_times import TokenTimes
 from hpcserve.daemon.usage import BATCH, INTERACTIVE, Account, UsageMeter
 from hpcserve.engine.outputs import RequestOutput
 from hpcserve.engine.request import SamplingParams
@@ -117,6 +124,8 @@ class Inflight:
     kv_result: bool | None = None  # decode side's transfer outcome, once known
     kv_blocks_promised: int = 0  # blocks announced to the decode replica's headroom until it posts the receive
     tenant: str = "default"  # whose usage it is (batch: the batch's tenant)
+    client_id: str = ""  # chat: the id its client knows it by (unique per tenant); req_id is the router's own
+    times: TokenTimes | None = None  # chat: arrival and the engine's token timestamps (TTFT, ITL)
     account: Account | None = None  # useful seconds earned so far (usage.Account); made from tenant and class
 
     def __post_init__(self) -> None:
@@ -140,6 +149,8 @@ class Router(BatchFeeder):
     def __init__(self, frontend, store, model_name: str, batch_watermark: int, chat_kv_reserve: float = 0.1,
                  dedicated_chat_replicas: int = 0, chat_pack_limit: int = 0, meter: UsageMeter | None = None) -> None:
         self.meter = meter if meter is not None else UsageMeter()
+        # tenant -> its prefix-cache namespace on the replicas ("" = shared; isolate-prefix-cache: its own)
+        self.cache_salt: Callable[[str], str] = lambda tenant: ""
         # tenants whose batch lines the feeder must not claim now (None: no restriction)
         self.exclude_tenants: Callable[[], Collection[str]] | None = None
         self.chat_pack_limit = chat_pack_limit
@@ -154,6 +165,7 @@ class Router(BatchFeeder):
         self.dedicated_chat_replicas = dedicated_chat_replicas
         self.pool = None  # set by the server once the WorkerPool exists
         self.inflight: dict[str, Inflight] = {}
+        self._by_client: dict[tuple[str, str], str] = {}  # chats: (tenant, client id) -> req_id
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._feeding = True
@@ -225,22 +237,27 @@ class Router(BatchFeeder):
         return min(reps, key=lambda r: (chats(r), round(r.load.recent_step_time_s, 3), -r.load.num_free_kv_blocks,
                                         r.replica_id))
 
-    def submit(self, req_id: str | None, ids: list[int], params: SamplingParams, request_class: int,
+    def submit(self, client_id: str | None, ids: list[int], params: SamplingParams, request_class: int,
                tenant: str = "default") -> Inflight:
+        """Route a chat. ``client_id`` (None: a fresh one) names it for its tenant's ``abort`` and in its
+        chunks; it must be unique among the tenant's requests in flight. Other tenants' ids are
+        invisible: the router runs every request under an id of its own."""
         if not self.is_ready:
             raise RequestError("the worker ranks are not ready (starting or relaunching); retry shortly",
                                code="unavailable")
-        req_id = req_id or f"req-{uuid.uuid4().hex}"
-        if req_id in self.inflight:
-            raise RequestError(f"request_id: {req_id!r} is already in flight; use a unique id",
+        req_id = f"req-{uuid.uuid4().hex}"
+        client_id = client_id or req_id
+        if (tenant, client_id) in self._by_client:
+            raise RequestError(f"request_id: {client_id!r} is already in flight; use a unique id",
                                field="request_id", code="already_exists")
         if self.disaggregated and len(ids) >= 2:
             p = self._pick_prefill(interactive=request_class != pb.REQUEST_CLASS_BATCH)
             inf = Inflight(req_id, p, ids, params, request_class, queue=asyncio.Queue(), prefill=p, stage=PREFILL,
-                           tenant=tenant)
+                           tenant=tenant, client_id=client_id, times=TokenTimes(time.time()))
         else:
             inf = Inflight(req_id, self.pick_replica(), ids, params, request_class, queue=asyncio.Queue(),
-                           tenant=tenant)
+                           tenant=tenant, client_id=client_id, times=TokenTimes(time.time()))
+        self._by_client[(tenant, client_id)] = req_id
         self._send(inf)
         return inf
 
@@ -318,7 +335,13 @@ class Router(BatchFeeder):
             self._spawn_write(self._requeue(inf))
             self.wake()
 
+    def abort_for(self, tenant: str, client_id: str) -> bool:
+        """A client's Abort: the tenant's chat with that id (another tenant's is unknown here)."""
+        req_id = self._by_client.get((tenant, client_id))
+        return req_id is not None and self.abort(req_id)
+
     def abort(self, req_id: str) -> bool:
+        """Abort by the router's own id (the daemon: closed streams, cancelled batches, drain)."""
         inf = self.inflight.get(req_id)
         if inf is None or inf.is_aborting:
             return False
@@ -332,7 +355,8 @@ class Router(BatchFeeder):
     def _add_request(self, inf: Inflight, **kw) -> wpb.AddRequest:
         return wpb.AddRequest(
             request_id=inf.req_id, prompt_token_ids=inf.prompt_ids, sampling_params=sampling_to_proto(inf.params),
-            request_class=inf.request_class, eos_token_ids=self.frontend.eos_token_ids, **kw)
+            request_class=inf.request_class, eos_token_ids=self.frontend.eos_token_ids,
+            cache_salt=self.cache_salt(inf.tenant), **kw)
 
     def _send(self, inf: Inflight) -> None:
         self.inflight[inf.req_id] = inf
@@ -347,6 +371,8 @@ class Router(BatchFeeder):
 
     def _drop(self, inf: Inflight) -> None:
         if self.inflight.pop(inf.req_id, None) is not None:
+            if inf.client_id:
+                self._by_client.pop((inf.tenant, inf.client_id), None)
             inf.replica.num_inflight -= 1
             if inf.line is not None:
                 inf.home.num_inflight_batch -= 1
@@ -370,6 +396,8 @@ class Router(BatchFeeder):
             if inf is None or inf.replica is not replica:
                 continue
             inf.token_ids.extend(o.new_token_ids)
+            if inf.times is not None:
+                inf.times.add(outs.token_time, len(o.new_token_ids))
             inf.text.append(o.new_text)
             if o.new_logprobs:
                 inf.logprobs.extend(logprobs_from_proto(o.new_logprobs))

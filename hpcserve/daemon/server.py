@@ -2,7 +2,7 @@
 
 Lifecycle (``serve(config) -> exit code``, one asyncio event loop)::
 
-    start   lock the state dir, open the batch store and recover it (running lines → pending,
+    start   make the state dir private (0700, umask 077), lock it, open the batch store and recover it (running lines → pending,
             files of closing batches rewritten), resolve the model (the demo is converted once)
             and load its tokenizer
     listen  one grpc.aio server (TLS when [tls] is set): Serving (API keys → tenants),
@@ -40,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hpcserve.api.v1 import serving_pb2, serving_pb2_grpc, worker_pb2_grpc
+from hpcserve.daemon.state_dir import PRIVATE_UMASK, prepare_state_dir
 from hpcserve.daemon.usage import flush as flush_usage
 from hpcserve.daemon.usage import run_flusher
 from hpcserve.errors import HpcserveError
@@ -98,9 +99,11 @@ class _Daemon:
         from hpcserve.api.auth import TenantAuthInterceptor
         from hpcserve.api.batch_api import BatchApi
         from hpcserve.api.servicer import ServingServicer
+        from hpcserve.daemon.batch_policy import BatchPolicy
         from hpcserve.daemon.batches import BatchStore
         from hpcserve.daemon.endpoint import write_endpoint
         from hpcserve.daemon.limits import Limiter
+        from hpcserve.daemon.loop_lag import LoopLag
         from hpcserve.daemon.router import Router
         from hpcserve.daemon.tenants import Tenants
         from hpcserve.daemon.tls import bind_grpc, load_tls
@@ -110,7 +113,8 @@ class _Daemon:
 
         cfg = self.config
         state = cfg.daemon.state_path
-        state.mkdir(parents=True, exist_ok=True)
+        os.umask(PRIVATE_UMASK)  # every file the daemon and its workers create is private (0600 / 0700)
+        prepare_state_dir(state)
         tls = load_tls(cfg.tls.cert_file, cfg.tls.key_file)
         tenants = Tenants(cfg.tenants, cfg.keys_path)
         store = BatchStore(state)
@@ -128,7 +132,11 @@ class _Daemon:
                         dedicated_chat_replicas=cfg.daemon.dedicated_chat_replicas,
                         chat_pack_limit=cfg.daemon.chat_pack_limit, meter=meter)
         router.exclude_tenants = limiter.exhausted_tenants  # over the daily quota: their lines wait
-        admission = Admission(router, frontend, tenants, limiter, model_name, cfg.model.path)
+        router.cache_salt = tenants.cache_salt  # isolate-prefix-cache: a tenant's own KV-cache namespace
+        admission = Admission(router, frontend, tenants, limiter, model_name, cfg.model.path,
+                              max_prompt_bytes=cfg.daemon.max_prompt_bytes,
+                              max_prompt_tokens=cfg.daemon.max_prompt_tokens)
+        batch_policy = BatchPolicy(cfg.slo.batch_completion_windows, cfg.slo.batch_completion_window)
         server = grpc.aio.server(interceptors=[TenantAuthInterceptor(tenants)], options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 64 << 20),
             ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail, not share it
@@ -149,11 +157,12 @@ class _Daemon:
             start_timeout_s=cfg.daemon.worker_start_timeout_s, router=router, disagg=_disagg_spec(cfg),
             launch_env=_slurm_env(slurm), tls_ca_pem=tls.cert_pem.decode() if tls else None)
         router.pool = pool
+        loop_lag = LoopLag()
         servicer = ServingServicer(
-            admission=admission, batch_api=BatchApi(store, cfg.slo.batch_completion_window),
+            admission=admission, batch_api=BatchApi(store, batch_policy),
             num_ranks=cfg.daemon.ranks, state_dir=str(state), allocation=_allocation_info(),
             usage=functools.partial(_usage_report, store, meter, limiter, pool, time.monotonic()),
-            on_drain=self._on_drain_rpc)
+            on_drain=self._on_drain_rpc, loop_lag=loop_lag.max_s)
         serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
         worker_pb2_grpc.add_WorkerLinkServicer_to_server(pool, server)
         health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -169,7 +178,7 @@ class _Daemon:
             from hpcserve.config_tables import _parse_listen
             from hpcserve.daemon.tls import http_ssl_context
 
-            gateway = HttpGateway(admission, store, cfg.slo.batch_completion_window)
+            gateway = HttpGateway(admission, store, batch_policy)
             http_host, http_port = _parse_listen(cfg.daemon.http)
             try:
                 http_port = await gateway.start(http_host, http_port, http_ssl_context(tls) if tls else None)
@@ -193,6 +202,7 @@ class _Daemon:
         feeder = asyncio.create_task(router.run_feeder())
         health_task = asyncio.create_task(self._track_health(health_servicer, router))
         flusher = asyncio.create_task(run_flusher(meter, store))
+        lag_task = asyncio.create_task(loop_lag.run())
         stop_wait = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait([pool_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         exit_code = 1 if pool.fatal else 0
@@ -224,12 +234,14 @@ class _Daemon:
         await asyncio.gather(pool_task, feeder, return_exceptions=True)
         await router.flush_writes()
         flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
+        lag_task.cancel()
+        await asyncio.gather(flusher, lag_task, return_exceptions=True)
         await flush_usage(meter, store)
         if gateway is not None:
             await gateway.stop()
         await server.stop(grace=1.0)
         remove_endpoint(state)
+        admission.close()
         store.close()
         if pool.fatal:
             log.error("%s", pool.fatal)

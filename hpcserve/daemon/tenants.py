@@ -10,6 +10,7 @@ Interface::
         .check_model(principal, model)             # AuthError("permission_denied")
         .require_admin(principal, what)            # AuthError("permission_denied")
         .priority_class(principal, requested) -> "interactive" | "batch"
+        .cache_salt(tenant) -> str                 # prefix-cache namespace ("" = shared)
         .policy(tenant) -> TenantSection | None
         .names -> list[str]
 
@@ -172,6 +173,12 @@ class Tenants:
         if not principal.is_admin:
             raise AuthError(f"{what} needs an admin key (tenant {principal.tenant} is not admin); use a key of a "
                             "tenant with admin = true", "permission_denied")
+
+    def cache_salt(self, tenant: str) -> str:
+        """The prefix-cache namespace of ``tenant``'s requests: its own with ``isolate-prefix-cache``,
+        else the shared one ("")."""
+        policy = self._policies.get(tenant)
+        return f"tenant:{tenant}" if policy is not None and policy.isolate_prefix_cache else ""
 
     def priority_class(self, principal: Principal, requested: str) -> str:
         """The lower of ``requested`` and the tenant's ``max-priority`` ("interactive" > "batch")."""

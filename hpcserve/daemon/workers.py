@@ -264,7 +264,9 @@ class WorkerPool(worker_pb2_grpc.WorkerLinkServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
         hello = first.hello
         launch_id = self.launch_id
-        if not hmac.compare_digest(hello.secret.encode(), self._secret.encode()):
+        # an empty secret never authenticates: before the first launch ours is empty too
+        if not hello.secret or not self._secret or not hmac.compare_digest(hello.secret.encode(),
+                                                                           self._secret.encode()):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong or stale worker secret")
         if hello.replica_id in self.replicas or not 0 <= hello.replica_id < self.num_ranks:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"replica {hello.replica_id} is already connected")

@@ -14,7 +14,9 @@ The engine is single-threaded: the serving daemon (later issues) drives it from
 one event loop per role. After each ``step()``, ``last_step_shares`` lists a ``StepShare``
 (``req_id``, ``num_tokens`` computed for it, ``useful_s``: its useful-work credit in seconds,
 ``engine/useful_work.py``) for every request that step scheduled, and ``last_step_time_s`` /
-``last_step_coefficients`` the measured time and cost-model coefficients the credits used.
+``last_step_coefficients`` the measured time and cost-model coefficients the credits used,
+and ``last_token_time`` the wall-clock (unix) time at which its tokens were sampled: the server's
+TTFT/ITL come from it.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class LLMEngine:
         self.last_step_shares: list[StepShare] = []
         self.last_step_time_s = 0.0  # measured time of the last step (schedule .. update)
         self.last_step_coefficients: tuple[float, float, float] | None = None  # cost model the credits used
+        self.last_token_time = 0.0  # unix time at which the last step's tokens were sampled
 
     def attach_handoff(self, connector, rank: int, target_group_bytes: int = 2 << 20):
         """Make this replica a producer and/or consumer of KV handoffs over ``connector``
@@ -159,12 +162,14 @@ class LLMEngine:
         return self.frontend.tokenize(prompt)
 
     def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = PRIORITY_INTERACTIVE, prefill_only: bool = False) -> Request:
+                    priority: int = PRIORITY_INTERACTIVE, prefill_only: bool = False,
+                    cache_salt: str = "") -> Request:
         """Queue a request. ``priority``: ``PRIORITY_INTERACTIVE`` (0) runs ahead of
         ``PRIORITY_BATCH`` (1) in every step; see the scheduler. ``prefill_only`` (a prefill
         replica, needs ``attach_handoff``): compute the prompt, keep its KV for a handoff and
-        produce no output unless it is aborted."""
-        req = self._new_request(req_id, prompt, params, priority)
+        produce no output unless it is aborted. ``cache_salt``: the prefix-cache namespace (see
+        ``kv_cache``; "" = shared)."""
+        req = self._new_request(req_id, prompt, params, priority, cache_salt)
         if prefill_only:
             if self.handoff is None:
                 raise RequestError("prefill_only needs a KV handoff connector on this replica", code="server_error")
@@ -175,23 +180,24 @@ class LLMEngine:
 
     def add_remote_request(self, req_id: str, prompt: list[int], params: SamplingParams, priority: int,
                            src_rank: int, src_block_ids: list[int], num_tokens: int,
-                           num_cached_tokens: int = 0) -> Request:
+                           num_cached_tokens: int = 0, cache_salt: str = "") -> Request:
         """Queue a request whose first ``num_tokens`` prompt tokens' KV arrives from the prefill
         replica at ``src_rank`` (its blocks ``src_block_ids``); see ``engine/handoff.py``."""
         if self.handoff is None:
             raise RequestError("remote_prefill needs a KV handoff connector on this replica", code="server_error")
-        req = self._new_request(req_id, prompt, params, priority)
+        req = self._new_request(req_id, prompt, params, priority, cache_salt)
         req.num_cached_tokens = num_cached_tokens
         self.handoff.add_remote(req, src_rank, src_block_ids, num_tokens)
         return req
 
-    def _new_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int) -> Request:
+    def _new_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int,
+                     cache_salt: str = "") -> Request:
         if req_id in self.scheduler.requests or (self.handoff is not None and self.handoff.owns(req_id)):
             raise RequestError(f"request id {req_id!r} is already in use", field="req_id")
         params.validate()
         ids = self.tokenize(prompt)
         self.frontend.check_length(len(ids), params)
-        req = Request(req_id, ids, params, self.eos_token_ids, priority=priority)
+        req = Request(req_id, ids, params, self.eos_token_ids, priority=priority, cache_salt=cache_salt)
         self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         self._sent[req_id] = (0, 0)
         return req
@@ -240,6 +246,7 @@ class LLMEngine:
         fresh = claim_fresh(seqs, self.scheduler.requests)  # before update_from_output forgets finished ones
         sampled = self.runner.execute(sched_out)
         events = self.scheduler.update_from_output(sched_out, sampled)
+        self.last_token_time = time.time()  # when this step's tokens were sampled (unix s; clients compare)
         self.last_step_shares, self.last_step_time_s = [], 0.0
         if seqs:
             dt = time.perf_counter() - t0

@@ -13,7 +13,12 @@ Block lifecycle::
                                            cached-free: ref_cnt 0, still findable by hash
 
 A full block's hash chains its parent's hash with its token ids, so a hash names
-the whole prefix up to and including that block. ``find_cached_prefix`` walks a
+the whole prefix up to and including that block. The hash is keyed BLAKE2b (16 bytes) with a
+random key per manager (``hash_key``), so nobody outside can compute or collide block hashes
+(an unkeyed 64-bit ``hash()`` could be steered to collide, serving one prompt another's KV). The
+chain starts from the request's ``cache_salt``: requests hit only blocks of their own salt, so a
+tenant with its own salt (``tenants.NAME.isolate-prefix-cache``) shares nothing and nobody can
+time its cache hits; the empty salt is the shared namespace. ``find_cached_prefix`` walks a
 request's chain and takes every block still present (in use by another request,
 or cached-free), which saves recomputing shared prefixes (system prompts,
 recomputation after preemption).
@@ -33,25 +38,41 @@ Interface (used by the scheduler):
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 
 from hpcserve.engine.request import Request
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+HASH_BYTES = 16
+
+
+def chain_hash(key: bytes, parent: bytes, token_ids) -> bytes:
+    """Keyed hash of one full block: its parent's hash (the salt's root for the first block) and
+    its token ids."""
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), key=key, digest_size=HASH_BYTES).digest()
+
+
+def salt_root(key: bytes, salt: str) -> bytes:
+    """The parent hash of a request's first block: its cache salt, hashed with the key."""
+    return hashlib.blake2b(b"salt\0" + salt.encode(), key=key, digest_size=HASH_BYTES).digest()
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_key: bytes | None = None):
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.hash_key = hash_key if hash_key is not None else os.urandom(32)
+        self._roots: dict[str, bytes] = {}  # cache salt -> root hash
         self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         # Free queue: block id -> None, in eviction order (front = next to reuse).
         # Block 0 is never handed out: the runner uses it as a scratch slot.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
@@ -154,7 +175,12 @@ class KVCacheManager:
         bs = self.block_size
         limit = req.num_tokens // bs if upto is None else upto
         hashes = req.block_hashes
+        if len(hashes) >= limit:
+            return
+        root = self._roots.get(req.cache_salt)
+        if root is None:
+            root = self._roots[req.cache_salt] = salt_root(self.hash_key, req.cache_salt)
         while len(hashes) < limit:
             i = len(hashes)
-            tokens = tuple(req.token_at(j) for j in range(i * bs, (i + 1) * bs))
-            hashes.append(chain_hash(hashes[-1] if hashes else None, tokens))
+            tokens = [req.token_at(j) for j in range(i * bs, (i + 1) * bs)]
+            hashes.append(chain_hash(self.hash_key, hashes[-1] if hashes else root, tokens))

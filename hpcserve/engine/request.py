@@ -134,6 +134,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
         priority: int = PRIORITY_INTERACTIVE,
+        cache_salt: str = "",
     ) -> None:
         if not prompt_token_ids:
             raise RequestError("prompt: must contain at least one token", field="prompt")
@@ -152,10 +153,10 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first schedule)
         self.num_credited_tokens = 0  # high-water mark of computed positions (useful_work); never reset
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []  # hash chain of this request's full blocks
+        self.block_hashes: list[bytes] = []  # hash chain of this request's full blocks (kv_cache.chain_hash)
+        self.cache_salt = cache_salt  # prefix-cache namespace: hits only blocks of the same salt
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-        self.first_token_time: float | None = None
 
     # token views ---------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ to the caller's tenant (another tenant's id is 404 like an unknown one). Fields,
 error bodies (``{"error": {"message", "type", "param", "code"}}``) follow OpenAI's; 429s carry
 ``Retry-After``.
 
-Lifecycle: ``gw = HttpGateway(admission, store, default_completion_window)``; ``await
+Lifecycle: ``gw = HttpGateway(admission, store, batch_policy)``; ``await
 gw.start(host, port, ssl_context)`` returns the bound port; ``await gw.stop()``.
 """
 

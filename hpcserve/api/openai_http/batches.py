@@ -10,7 +10,9 @@ Workflow (what the openai SDK does)::
     POST /v1/batches/{id}/cancel,  GET /v1/batches?limit&after,  GET/DELETE /v1/files/{id}
 
 Every store call runs in a thread and is scoped to the caller's tenant: another tenant's
-file or batch is a 404 exactly like an unknown id. Uploads are streamed to a spooled temp
+file or batch is a 404 exactly like an unknown id. An upload that would take the tenant over its
+``storage-quota-gb`` is refused with 413 as soon as its bytes pass the quota (nothing is kept);
+``completion_window`` must be one the site grants (``BatchPolicy``). Uploads are streamed to a spooled temp
 file (memory up to 8 MiB, then disk) and handed to ``store.create_file``; downloads are
 served from the stored file. Batch objects are the store's minus its private fields (paths,
 tenant). Creating or cancelling a batch wakes the router's feeder.
@@ -27,7 +29,8 @@ from hpcserve.api.admission import ApiError, api_error
 from hpcserve.api.batch_api import check_metadata
 from hpcserve.api.openai_http.server import read_json
 from hpcserve.batch.openai_format import URLS
-from hpcserve.daemon.batch_schema import BatchNotFound, parse_completion_window
+from hpcserve.daemon.batch_schema import BatchNotFound
+from hpcserve.daemon.files import StorageQuotaExceeded
 from hpcserve.errors import HpcserveError, RequestError
 
 SPOOL_BYTES = 8 << 20
@@ -87,7 +90,10 @@ async def create_file(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise ApiError("invalid_argument", "POST /v1/files takes multipart/form-data with fields file and "
                        "purpose (e.g. client.files.create(file=open('in.jsonl', 'rb'), purpose='batch'))")
-    store = request.app["gateway"].store
+    gw = request.app["gateway"]
+    store, principal = gw.store, request["principal"]
+    quota = gw.policy.quota_bytes(principal)
+    left = quota - await _store(request, store.stored_bytes, principal.tenant) if quota else None
     purpose, filename = None, None
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed below
     try:
@@ -97,7 +103,11 @@ async def create_file(request: web.Request) -> web.Response:
                 purpose = (await part.text()).strip()
             elif part.name == "file":
                 filename = part.filename or "upload.jsonl"
+                size = 0
                 while chunk := await part.read_chunk(1 << 20):
+                    size += len(chunk)
+                    if left is not None and size > left:  # stop reading: the quota is checked before the disk
+                        raise api_error(StorageQuotaExceeded(principal.tenant, quota, quota - left, size))
                     await asyncio.to_thread(spool.write, chunk)
             else:
                 await part.release()
@@ -107,7 +117,7 @@ async def create_file(request: web.Request) -> web.Response:
         if not purpose:
             raise ApiError("invalid_argument", 'purpose: required; use "batch" for batch input', param="purpose")
         spool.seek(0)
-        obj = await _store(request, store.create_file, spool, filename, purpose, _tenant(request))
+        obj = await _store(request, store.create_file, spool, filename, purpose, _tenant(request), quota_bytes=quota)
     finally:
         spool.close()
     return web.json_response(obj)
@@ -154,7 +164,7 @@ async def create_batch(request: web.Request) -> web.Response:
         raise ApiError("invalid_argument", f"{min(unknown)}: unknown field for POST /v1/batches; "
                        "give input_file_id, endpoint, completion_window and optionally metadata")
     fid, endpoint = body.get("input_file_id"), body.get("endpoint")
-    window = body.get("completion_window") or gw.default_completion_window
+    window = body.get("completion_window")
     metadata = body.get("metadata")
     if not isinstance(fid, str) or not fid:
         raise ApiError("invalid_argument", "input_file_id: required (the id POST /v1/files returned)",
@@ -163,7 +173,7 @@ async def create_batch(request: web.Request) -> web.Response:
         raise ApiError("invalid_argument", f"endpoint: must be one of {', '.join(URLS)}; got {endpoint!r}",
                        param="endpoint")
     try:
-        parse_completion_window(window if isinstance(window, str) else "")
+        window = gw.policy.window(window)
     except HpcserveError as exc:
         raise ApiError("invalid_argument", str(exc), param="completion_window") from None
     if metadata is not None:

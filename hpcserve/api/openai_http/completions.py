@@ -5,10 +5,16 @@ Lifecycle of one request::
 
     read JSON → ``parse_request_body`` (the batch-line rules plus stream / stream_options)
     → ``Admission.admit`` (model, tenant, limits, router.submit; interactive class, capped by
-    the tenant's priority) → stream: ``data: <chunk>`` per output with text, a last chunk with
-    finish_reason, an optional usage chunk (``stream_options.include_usage``), ``data: [DONE]``;
+    the tenant's priority) → stream: ``data: <chunk>`` per output with tokens (the first also
+    carries the role), a last chunk with finish_reason and timings, an optional usage chunk (``stream_options.include_usage``), ``data: [DONE]``;
     not streamed: one ``chat.completion`` / ``text_completion`` object (the same builder as
     batch output lines) → ``Admitted.close()``.
+
+Nothing is streamed before the first token: a chat's ``role`` rides on the chunk of its first
+token (clients measure TTFT from the first chunk with choices). The server's own timings
+(``daemon.token_times``: arrival, first and last token times from the engine's clock, TTFT and
+ITL) come as ``timings`` on the chunk that finishes a choice, and as ``usage.timings`` in the
+usage chunk and in whole responses (a list in choice order when n > 1).
 
 ``n`` (1..16) samples of one prompt are ``n`` router requests under one tenant lease: choices
 with ``index`` 0..n-1, streamed interleaved as they come. A client that disconnects cancels the handler (aiohttp ``handler_cancellation``), and closing
@@ -70,17 +76,15 @@ async def _serve(request: web.Request, url: str) -> web.StreamResponse:
     if "model" not in body:
         raise ApiError("invalid_argument", "model: required; GET /v1/models lists the served model", param="model")
 
-    def make_ids() -> list[int]:
-        return frontend.apply_chat_template(item.messages) if item.is_chat else frontend.tokenize(item.prompt)
-
     def make_params(num_prompt_tokens: int):
         if not item.max_tokens_defaulted:
             return item.params
         return dataclasses.replace(item.params,
                                    max_tokens=frontend.default_max_tokens(num_prompt_tokens, DEFAULT_MAX_TOKENS))
 
-    choices = await adm_core.admit_n(request["principal"], item.model, make_ids, make_params,
-                                     pb.REQUEST_CLASS_INTERACTIVE, None, n)
+    choices = await adm_core.admit_n(request["principal"], item.model,
+                                     item.messages if item.is_chat else item.prompt, make_params,
+                                     pb.REQUEST_CLASS_INTERACTIVE, None, n, chat=item.is_chat)
     try:
         if stream:
             return await _stream(request, gw, item, choices, include_usage)
@@ -116,7 +120,19 @@ async def _whole(gw, item, choices) -> web.Response:
             u = body["usage"]
             u["completion_tokens"] += one["usage"]["completion_tokens"]
             u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    body["usage"]["timings"] = _usage_timings(choices)
     return web.json_response(body)
+
+
+def _timings(admitted) -> dict | None:
+    """The server's token timings of one choice (``daemon.token_times``)."""
+    times = admitted.inf.times
+    return times.as_dict() if times is not None else None
+
+
+def _usage_timings(choices) -> dict | list | None:
+    """``usage.timings``: the one choice's timings, or a list in choice order when n > 1."""
+    return _timings(choices[0]) if len(choices) == 1 else [_timings(c) for c in choices]
 
 
 async def _stream(request: web.Request, gw, item, choices, include_usage: bool) -> web.StreamResponse:
@@ -129,12 +145,16 @@ async def _stream(request: web.Request, gw, item, choices, include_usage: bool) 
     decode = gw.admission.frontend.decode_token
     want_lps = item.params.logprobs is not None
 
-    def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
+    def chunk(choice: dict | None, usage: dict | None = None, timings: dict | None = None) -> bytes:
         obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                "model": model, "choices": [choice] if choice is not None else []}
         if usage is not None:
             obj["usage"] = usage
+        if timings is not None:
+            obj["timings"] = timings
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+    started: set[int] = set()  # choices whose first chunk went out
 
     def choice_of(i: int, ev) -> dict | None:
         reason = _FINISH.get(ev.finish_reason, "stop") if ev.is_finished else None
@@ -146,13 +166,12 @@ async def _stream(request: web.Request, gw, item, choices, include_usage: bool) 
             lps = chat_logprobs(lp, decode) if chat else completion_logprobs(lp, decode)
         if chat:
             delta = {"content": ev.new_text} if ev.new_text or reason is None else {}
+            if i not in started:  # the role rides on the first token's chunk: nothing goes out before it
+                delta = {"role": "assistant", "content": ev.new_text}
+            started.add(i)
             return {"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}
         return {"index": i, "text": ev.new_text, "logprobs": lps, "finish_reason": reason}
 
-    if chat:  # the role first, as OpenAI does
-        for i in range(len(choices)):
-            await resp.write(chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}))
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, adm) -> None:
@@ -176,13 +195,13 @@ async def _stream(request: web.Request, gw, item, choices, include_usage: bool) 
                 break
             choice = choice_of(i, ev)
             if choice is not None:
-                await resp.write(chunk(choice))
+                await resp.write(chunk(choice, timings=_timings(choices[i]) if ev.is_finished else None))
         else:
             if include_usage:
                 n_in = choices[0].prompt_len
                 n_out = sum(c.num_output_tokens for c in choices)
                 await resp.write(chunk(None, {"prompt_tokens": n_in, "completion_tokens": n_out,
-                                              "total_tokens": n_in + n_out}))
+                                              "total_tokens": n_in + n_out, "timings": _usage_timings(choices)}))
     finally:
         for t in pumps:
             t.cancel()

@@ -1,6 +1,6 @@
 """The aiohttp application of the OpenAI-compatible API: auth, errors, models, health. No torch.
 
-Interface: ``HttpGateway(admission, store, default_completion_window="24h")``;
+Interface: ``HttpGateway(admission, store, policy=BatchPolicy())``;
 ``await start(host, port, ssl_context=None) -> bound port``; ``await stop()``. Handlers read
 the caller's ``Principal`` from ``request["principal"]`` (set by the auth middleware) and raise
 ``ApiError`` for anything the client must fix; the error middleware turns it (and any
@@ -24,13 +24,14 @@ log = logging.getLogger("hpcserve.http")
 
 MAX_BODY_BYTES = 32 << 20  # JSON bodies; file uploads stream past this (their own limit is the store's)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error", 500: "server_error",
-          503: "service_unavailable_error"}
-_CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded", 503: "unavailable"}
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "service_unavailable_error"}
+_CODES = {401: "invalid_api_key", 404: "not_found", 413: "storage_quota_exceeded", 429: "rate_limit_exceeded",
+          503: "unavailable"}
 
 
 def error_response(err: ApiError) -> web.Response:
-    status = HTTP_STATUS.get(err.code, 500)
+    status = err.http_status or HTTP_STATUS.get(err.code, 500)
     code = _CODES.get(status)
     if status == 429 and "quota" in err.message:
         code = "insufficient_quota"
@@ -74,12 +75,13 @@ def _bearer(request: web.Request) -> str | None:
 class HttpGateway:
     """See the module docstring."""
 
-    def __init__(self, admission, store, default_completion_window: str = "24h") -> None:
+    def __init__(self, admission, store, policy=None) -> None:
         from hpcserve.api.openai_http import batches, completions
+        from hpcserve.daemon.batch_policy import BatchPolicy
 
         self.admission = admission
         self.store = store
-        self.default_completion_window = default_completion_window
+        self.policy = policy if policy is not None else BatchPolicy()
         self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY_BYTES)
         self.app["gateway"] = self
         r = self.app.router

@@ -108,7 +108,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RequestMetrics(_message.Message):
-    __slots__ = ("prefill_replica_id", "decode_replica_id", "disaggregated", "kv_handoff_s", "kv_handoff_bytes", "kv_handoff_failed", "request_class")
+    __slots__ = ("prefill_replica_id", "decode_replica_id", "disaggregated", "kv_handoff_s", "kv_handoff_bytes", "kv_handoff_failed", "request_class", "arrival_time", "first_token_time", "last_token_time", "ttft_s", "itl_mean_s", "itl_max_s")
     PREFILL_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,12 @@ class RequestMetrics(_message.Message):
     KV_HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_FAILED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKEN_TIME_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    ITL_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    ITL_MAX_S_FIELD_NUMBER: _ClassVar[int]
     prefill_replica_id: int
     decode_replica_id: int
     disaggregated: bool
@@ -123,7 +129,13 @@ class RequestMetrics(_message.Message):
     kv_handoff_bytes: int
     kv_handoff_failed: bool
     request_class: RequestClass
-    def __init__(self, prefill_replica_id: _Optional[int] = ..., decode_replica_id: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., kv_handoff_s: _Optional[float] = ..., kv_handoff_bytes: _Optional[int] = ..., kv_handoff_failed: _Optional[bool] = ..., request_class: _Optional[_Union[RequestClass, str]] = ...) -> None: ...
+    arrival_time: float
+    first_token_time: float
+    last_token_time: float
+    ttft_s: float
+    itl_mean_s: float
+    itl_max_s: float
+    def __init__(self, prefill_replica_id: _Optional[int] = ..., decode_replica_id: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., kv_handoff_s: _Optional[float] = ..., kv_handoff_bytes: _Optional[int] = ..., kv_handoff_failed: _Optional[bool] = ..., request_class: _Optional[_Union[RequestClass, str]] = ..., arrival_time: _Optional[float] = ..., first_token_time: _Optional[float] = ..., last_token_time: _Optional[float] = ..., ttft_s: _Optional[float] = ..., itl_mean_s: _Optional[float] = ..., itl_max_s: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
@@ -454,7 +466,7 @@ class Allocation(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., end_time: _Optional[int] = ..., seconds_left: _Optional[int] = ..., num_tasks: _Optional[int] = ..., gpus_per_node: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s", "is_ready", "max_model_len", "num_worker_restarts", "state_dir", "tenant", "is_admin")
+    __slots__ = ("version", "model", "num_ranks", "replicas", "allocation", "uptime_s", "is_ready", "max_model_len", "num_worker_restarts", "state_dir", "tenant", "is_admin", "event_loop_lag_max_s")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +479,7 @@ class ServerInfo(_message.Message):
     STATE_DIR_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     IS_ADMIN_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_LAG_MAX_S_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     num_ranks: int
@@ -479,7 +492,8 @@ class ServerInfo(_message.Message):
     state_dir: str
     tenant: str
     is_admin: bool
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., num_ranks: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ..., uptime_s: _Optional[float] = ..., is_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., num_worker_restarts: _Optional[int] = ..., state_dir: _Optional[str] = ..., tenant: _Optional[str] = ..., is_admin: _Optional[bool] = ...) -> None: ...
+    event_loop_lag_max_s: float
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., num_ranks: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ..., uptime_s: _Optional[float] = ..., is_ready: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., num_worker_restarts: _Optional[int] = ..., state_dir: _Optional[str] = ..., tenant: _Optional[str] = ..., is_admin: _Optional[bool] = ..., event_loop_lag_max_s: _Optional[float] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("since_day", "by_day")

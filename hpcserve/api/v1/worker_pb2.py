@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hpcserve.api.v1 import serving_pb2 as hpcserve_dot_api_dot_v1_dot_serving__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chpcserve/api/v1/worker.proto\x12\x0fhpcserve.api.v1\x1a\x1dhpcserve/api/v1/serving.proto\"\xaa\x01\n\rWorkerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.hpcserve.api.v1.HelloH\x00\x12\x34\n\x0cstep_outputs\x18\x02 \x01(\x0b\x32\x1c.hpcserve.api.v1.StepOutputsH\x00\x12\x32\n\x0bload_report\x18\x03 \x01(\x0b\x32\x1b.hpcserve.api.v1.LoadReportH\x00\x42\x06\n\x04kind\"\x98\x02\n\rDaemonMessage\x12+\n\x07welcome\x18\x01 \x01(\x0b\x32\x18.hpcserve.api.v1.WelcomeH\x00\x12\x32\n\x0b\x61\x64\x64_request\x18\x02 \x01(\x0b\x32\x1b.hpcserve.api.v1.AddRequestH\x00\x12\x38\n\x0e\x61\x62ort_requests\x18\x03 \x01(\x0b\x32\x1e.hpcserve.api.v1.AbortRequestsH\x00\x12-\n\x08shutdown\x18\x04 \x01(\x0b\x32\x19.hpcserve.api.v1.ShutdownH\x00\x12\x35\n\rstart_kv_send\x18\x05 \x01(\x0b\x32\x1c.hpcserve.api.v1.StartKvSendH\x00\x42\x06\n\x04kind\"\xed\x01\n\x05Hello\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nreplica_id\x18\x02 \x01(\x05\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x1c.hpcserve.api.v1.ReplicaRole\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06secret\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\t \x01(\x05\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x11\n\tnum_ranks\x18\x0b \x01(\x05\"\xc2\x02\n\x11RequestStepOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x33\n\x0cnew_logprobs\x18\x03 \x03(\x0b\x32\x1d.hpcserve.api.v1.TokenLogprob\x12\x13\n\x0bis_finished\x18\x04 \x01(\x08\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.hpcserve.api.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\x10\n\x08new_text\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\x12*\n\x08kv_event\x18\n \x01(\x0b\x32\x18.hpcserve.api.v1.KvEvent\"\x83\x01\n\x0bStepOutputs\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".hpcserve.api.v1.RequestStepOutput\x12\x13\n\x0bstep_time_s\x18\x02 \x01(\x01\x12*\n\x06shares\x18\x03 \x03(\x0b\x32\x1a.hpcserve.api.v1.StepShare\"E\n\tStepShare\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x10\n\x08useful_s\x18\x03 \x01(\x01\"\xba\x02\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x1a\n\x12num_free_kv_blocks\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\x05\x12\x1a\n\x12recent_step_time_s\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x05\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\x12%\n\x1dnum_output_tokens_interactive\x18\x08 \x01(\x03\x12\x1f\n\x17num_output_tokens_batch\x18\t \x01(\x03\x12\x13\n\x0b\x62usy_time_s\x18\n \x01(\x01\x12*\n\x02kv\x18\x0b \x01(\x0b\x32\x1e.hpcserve.api.v1.KvHandoffInfo\"2\n\x07Welcome\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"\x8f\x02\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x38\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1f.hpcserve.api.v1.SamplingParams\x12\x34\n\rrequest_class\x18\x04 \x01(\x0e\x32\x1d.hpcserve.api.v1.RequestClass\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0cprefill_only\x18\x06 \x01(\x08\x12\x36\n\x0eremote_prefill\x18\x07 \x01(\x0b\x32\x1e.hpcserve.api.v1.RemotePrefill\"g\n\rRemotePrefill\x12\x10\n\x08src_rank\x18\x01 \x01(\x05\x12\x15\n\rsrc_block_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\"4\n\x0bStartKvSend\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmeta_json\x18\x02 \x01(\t\"\x8b\x01\n\x07KvEvent\x12)\n\x05ready\x18\x01 \x01(\x0b\x32\x18.hpcserve.api.v1.KvReadyH\x00\x12\x18\n\x0erecv_meta_json\x18\x02 \x01(\tH\x00\x12\x33\n\x06result\x18\x03 \x01(\x0b\x32!.hpcserve.api.v1.KvTransferResultH\x00\x42\x06\n\x04kind\"K\n\x07KvReady\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\"\x92\x01\n\x10KvTransferResult\x12\x0f\n\x07is_send\x18\x01 \x01(\x08\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x19\n\x11\x63hecksum_verified\x18\x06 \x01(\x08\x12\x11\n\tpeer_rank\x18\x07 \x01(\x05\"$\n\rAbortRequests\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x19\n\x08Shutdown\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x32[\n\nWorkerLink\x12M\n\x07\x43onnect\x12\x1e.hpcserve.api.v1.WorkerMessage\x1a\x1e.hpcserve.api.v1.DaemonMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chpcserve/api/v1/worker.proto\x12\x0fhpcserve.api.v1\x1a\x1dhpcserve/api/v1/serving.proto\"\xaa\x01\n\rWorkerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.hpcserve.api.v1.HelloH\x00\x12\x34\n\x0cstep_outputs\x18\x02 \x01(\x0b\x32\x1c.hpcserve.api.v1.StepOutputsH\x00\x12\x32\n\x0bload_report\x18\x03 \x01(\x0b\x32\x1b.hpcserve.api.v1.LoadReportH\x00\x42\x06\n\x04kind\"\x98\x02\n\rDaemonMessage\x12+\n\x07welcome\x18\x01 \x01(\x0b\x32\x18.hpcserve.api.v1.WelcomeH\x00\x12\x32\n\x0b\x61\x64\x64_request\x18\x02 \x01(\x0b\x32\x1b.hpcserve.api.v1.AddRequestH\x00\x12\x38\n\x0e\x61\x62ort_requests\x18\x03 \x01(\x0b\x32\x1e.hpcserve.api.v1.AbortRequestsH\x00\x12-\n\x08shutdown\x18\x04 \x01(\x0b\x32\x19.hpcserve.api.v1.ShutdownH\x00\x12\x35\n\rstart_kv_send\x18\x05 \x01(\x0b\x32\x1c.hpcserve.api.v1.StartKvSendH\x00\x42\x06\n\x04kind\"\xed\x01\n\x05Hello\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nreplica_id\x18\x02 \x01(\x05\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x1c.hpcserve.api.v1.ReplicaRole\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06secret\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\t \x01(\x05\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x11\n\tnum_ranks\x18\x0b \x01(\x05\"\xc2\x02\n\x11RequestStepOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x33\n\x0cnew_logprobs\x18\x03 \x03(\x0b\x32\x1d.hpcserve.api.v1.TokenLogprob\x12\x13\n\x0bis_finished\x18\x04 \x01(\x08\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.hpcserve.api.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\x10\n\x08new_text\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\x12*\n\x08kv_event\x18\n \x01(\x0b\x32\x18.hpcserve.api.v1.KvEvent\"\x97\x01\n\x0bStepOutputs\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".hpcserve.api.v1.RequestStepOutput\x12\x13\n\x0bstep_time_s\x18\x02 \x01(\x01\x12*\n\x06shares\x18\x03 \x03(\x0b\x32\x1a.hpcserve.api.v1.StepShare\x12\x12\n\ntoken_time\x18\x04 \x01(\x01\"E\n\tStepShare\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x10\n\x08useful_s\x18\x03 \x01(\x01\"\xba\x02\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x1a\n\x12num_free_kv_blocks\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\x05\x12\x1a\n\x12recent_step_time_s\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x05\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\x12%\n\x1dnum_output_tokens_interactive\x18\x08 \x01(\x03\x12\x1f\n\x17num_output_tokens_batch\x18\t \x01(\x03\x12\x13\n\x0b\x62usy_time_s\x18\n \x01(\x01\x12*\n\x02kv\x18\x0b \x01(\x0b\x32\x1e.hpcserve.api.v1.KvHandoffInfo\"2\n\x07Welcome\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"\xa3\x02\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x38\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1f.hpcserve.api.v1.SamplingParams\x12\x34\n\rrequest_class\x18\x04 \x01(\x0e\x32\x1d.hpcserve.api.v1.RequestClass\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0cprefill_only\x18\x06 \x01(\x08\x12\x36\n\x0eremote_prefill\x18\x07 \x01(\x0b\x32\x1e.hpcserve.api.v1.RemotePrefill\x12\x12\n\ncache_salt\x18\x08 \x01(\t\"g\n\rRemotePrefill\x12\x10\n\x08src_rank\x18\x01 \x01(\x05\x12\x15\n\rsrc_block_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\"4\n\x0bStartKvSend\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmeta_json\x18\x02 \x01(\t\"\x8b\x01\n\x07KvEvent\x12)\n\x05ready\x18\x01 \x01(\x0b\x32\x18.hpcserve.api.v1.KvReadyH\x00\x12\x18\n\x0erecv_meta_json\x18\x02 \x01(\tH\x00\x12\x33\n\x06result\x18\x03 \x01(\x0b\x32!.hpcserve.api.v1.KvTransferResultH\x00\x42\x06\n\x04kind\"K\n\x07KvReady\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\"\x92\x01\n\x10KvTransferResult\x12\x0f\n\x07is_send\x18\x01 \x01(\x08\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x19\n\x11\x63hecksum_verified\x18\x06 \x01(\x08\x12\x11\n\tpeer_rank\x18\x07 \x01(\x05\"$\n\rAbortRequests\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x19\n\x08Shutdown\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x32[\n\nWorkerLink\x12M\n\x07\x43onnect\x12\x1e.hpcserve.api.v1.WorkerMessage\x1a\x1e.hpcserve.api.v1.DaemonMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,29 +41,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTSTEPOUTPUT']._serialized_start=777
   _globals['_REQUESTSTEPOUTPUT']._serialized_end=1099
   _globals['_STEPOUTPUTS']._serialized_start=1102
-  _globals['_STEPOUTPUTS']._serialized_end=1233
-  _globals['_STEPSHARE']._serialized_start=1235
-  _globals['_STEPSHARE']._serialized_end=1304
-  _globals['_LOADREPORT']._serialized_start=1307
-  _globals['_LOADREPORT']._serialized_end=1621
-  _globals['_WELCOME']._serialized_start=1623
-  _globals['_WELCOME']._serialized_end=1673
-  _globals['_ADDREQUEST']._serialized_start=1676
-  _globals['_ADDREQUEST']._serialized_end=1947
-  _globals['_REMOTEPREFILL']._serialized_start=1949
-  _globals['_REMOTEPREFILL']._serialized_end=2052
-  _globals['_STARTKVSEND']._serialized_start=2054
-  _globals['_STARTKVSEND']._serialized_end=2106
-  _globals['_KVEVENT']._serialized_start=2109
-  _globals['_KVEVENT']._serialized_end=2248
-  _globals['_KVREADY']._serialized_start=2250
-  _globals['_KVREADY']._serialized_end=2325
-  _globals['_KVTRANSFERRESULT']._serialized_start=2328
-  _globals['_KVTRANSFERRESULT']._serialized_end=2474
-  _globals['_ABORTREQUESTS']._serialized_start=2476
-  _globals['_ABORTREQUESTS']._serialized_end=2512
-  _globals['_SHUTDOWN']._serialized_start=2514
-  _globals['_SHUTDOWN']._serialized_end=2539
-  _globals['_WORKERLINK']._serialized_start=2541
-  _globals['_WORKERLINK']._serialized_end=2632
+  _globals['_STEPOUTPUTS']._serialized_end=1253
+  _globals['_STEPSHARE']._serialized_start=1255
+  _globals['_STEPSHARE']._serialized_end=1324
+  _globals['_LOADREPORT']._serialized_start=1327
+  _globals['_LOADREPORT']._serialized_end=1641
+  _globals['_WELCOME']._serialized_start=1643
+  _globals['_WELCOME']._serialized_end=1693
+  _globals['_ADDREQUEST']._serialized_start=1696
+  _globals['_ADDREQUEST']._serialized_end=1987
+  _globals['_REMOTEPREFILL']._serialized_start=1989
+  _globals['_REMOTEPREFILL']._serialized_end=2092
+  _globals['_STARTKVSEND']._serialized_start=2094
+  _globals['_STARTKVSEND']._serialized_end=2146
+  _globals['_KVEVENT']._serialized_start=2149
+  _globals['_KVEVENT']._serialized_end=2288
+  _globals['_KVREADY']._serialized_start=2290
+  _globals['_KVREADY']._serialized_end=2365
+  _globals['_KVTRANSFERRESULT']._serialized_start=2368
+  _globals['_KVTRANSFERRESULT']._serialized_end=2514
+  _globals['_ABORTREQUESTS']._serialized_start=2516
+  _globals['_ABORTREQUESTS']._serialized_end=2552
+  _globals['_SHUTDOWN']._serialized_start=2554
+  _globals['_SHUTDOWN']._serialized_end=2579
+  _globals['_WORKERLINK']._serialized_start=2581
+  _globals['_WORKERLINK']._serialized_end=2672
 # @@protoc_insertion_point(module_scope)

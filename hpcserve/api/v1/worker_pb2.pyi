@@ -82,14 +82,16 @@ class RequestStepOutput(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., new_logprobs: _Optional[_Iterable[_Union[_serving_pb2.TokenLogprob, _Mapping]]] = ..., is_finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., num_cached_tokens: _Optional[int] = ..., new_text: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., kv_event: _Optional[_Union[KvEvent, _Mapping]] = ...) -> None: ...
 
 class StepOutputs(_message.Message):
-    __slots__ = ("outputs", "step_time_s", "shares")
+    __slots__ = ("outputs", "step_time_s", "shares", "token_time")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TIME_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[RequestStepOutput]
     step_time_s: float
     shares: _containers.RepeatedCompositeFieldContainer[StepShare]
-    def __init__(self, outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., step_time_s: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[StepShare, _Mapping]]] = ...) -> None: ...
+    token_time: float
+    def __init__(self, outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., step_time_s: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[StepShare, _Mapping]]] = ..., token_time: _Optional[float] = ...) -> None: ...
 
 class StepShare(_message.Message):
     __slots__ = ("request_id", "num_tokens", "useful_s")
@@ -136,7 +138,7 @@ class Welcome(_message.Message):
     def __init__(self, replica_id: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "request_class", "eos_token_ids", "prefill_only", "remote_prefill")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "request_class", "eos_token_ids", "prefill_only", "remote_prefill", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class AddRequest(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
     REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _serving_pb2.SamplingParams
@@ -151,7 +154,8 @@ class AddRequest(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefill_only: bool
     remote_prefill: RemotePrefill
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_serving_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_serving_pb2.RequestClass, str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_only: _Optional[bool] = ..., remote_prefill: _Optional[_Union[RemotePrefill, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_serving_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_serving_pb2.RequestClass, str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_only: _Optional[bool] = ..., remote_prefill: _Optional[_Union[RemotePrefill, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class RemotePrefill(_message.Message):
     __slots__ = ("src_rank", "src_block_ids", "num_tokens", "num_cached_tokens")
