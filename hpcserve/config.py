@@ -32,7 +32,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from hpcserve.config_tables import (
-    _STR_LIST,
     TENANT_NAME_RE,
     AuthSection,
     ConfigError,
@@ -45,11 +44,9 @@ from hpcserve.config_tables import (
     TenantSection,
     TlsSection,
     _kebab,
-    _kind,
     _Section,
-    _toml_type,
-    _toml_value,
 )
+from hpcserve.config_values import _STR_LIST, _kind, _toml_type, _toml_value
 
 __all__ = [
     "ENV_VARS",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hpcserve.config_values import _STR_LIST, _kebab, _kind, _type_problem
 from hpcserve.errors import HpcserveError
 
 DTYPES = ("float32", "bfloat16")
@@ -37,10 +38,6 @@ def _opt(default, help: str, example: Any = None, kind: str | None = None):
     if kind:
         meta["kind"] = kind
     return field(default=default, metadata=meta)
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _parse_listen(value: str) -> tuple[str, int] | None:
@@ -225,14 +222,14 @@ class SloSection(_Section):
         if window_seconds(self.batch_completion_window) is None:
             out.append(("batch_completion_window", ('expected a positive integer and a unit s|m|h|d like "24h", '
                                                     f"got {self.batch_completion_window!r}")))
-        bad = [w for w in self.batch_completion_windows if window_seconds(w) is None]
-        if not self.batch_completion_windows or bad:
-            out.append(("batch_completion_windows", ('expected a non-empty list of windows like ["24h"] (a positive '
-                                                     f"integer and a unit s|m|h|d), got {list(self.batch_completion_windows)!r}")))
-        elif self.batch_completion_window not in self.batch_completion_windows:
+        windows = list(self.batch_completion_windows)
+        if not windows or any(window_seconds(w) is None for w in windows):
+            out.append(("batch_completion_windows", ('expected a non-empty list of windows like ["24h"] (a '
+                                                     f"positive integer and a unit s|m|h|d), got {windows!r}")))
+        elif self.batch_completion_window not in windows:
             out.append(("batch_completion_window", (f"{self.batch_completion_window!r} is not one of "
-                                                    f"slo.batch-completion-windows {list(self.batch_completion_windows)!r}; "
-                                                    "add it there or pick one of them")))
+                                                    f"slo.batch-completion-windows {windows!r}; add it there or "
+                                                    "pick one of them")))
         return out
 
     @property
@@ -444,59 +441,3 @@ class TenantSection(_Section):
 
     def allows_model(self, model: str) -> bool:
         return "*" in self.models or model in self.models
-
-
-def _kind(f) -> tuple[str, bool]:
-    """("int"|"float"|"bool"|"str", optional) from the field's (string) annotation."""
-    t = str(f.type).replace(" ", "")
-    return t.replace("|None", ""), "|None" in t
-
-
-_STR_LIST = "tuple[str,...]"
-_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               _STR_LIST: "a list of strings"}
-
-
-def _toml_type(v: Any) -> str:
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "float"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, dict):
-        return "table"
-    if isinstance(v, list):
-        return "array"
-    return type(v).__name__
-
-
-def _type_problem(f, v: Any) -> str | None:
-    kind, optional = _kind(f)
-    if v is None and optional:
-        return None
-    ok = {
-        "int": isinstance(v, int) and not isinstance(v, bool),
-        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": isinstance(v, bool),
-        "str": isinstance(v, str),
-        _STR_LIST: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
-    }[kind]
-    if ok:
-        return None
-    example = f.default if f.default is not None else f.metadata.get("example")
-    quotes = " (no quotes)" if kind not in ("str", _STR_LIST) and isinstance(v, str) else ""
-    return (f"expected {_KIND_NAMES[kind]}, got {_toml_type(v)} {v!r}; write it like "
-            f"{_kebab(f.name)} = {_toml_value(example)}{quotes}")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return repr(v)
