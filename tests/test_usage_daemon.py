@@ -364,23 +364,23 @@ def test_undelivered_batch_work_is_debited_and_chat_work_is_kept(frontend, tmp_p
         router = _router(frontend, store, rep)
         batch = store.create_batch("\n".join(chat_line(f"c{i}", f"line {i}", max_tokens=4) for i in range(3))
                                    .encode(), tenant="carol")
-        router.submit("chat", [5] * 6, SamplingParams(max_tokens=4), CHAT, tenant="alice")
-        router.submit("gone", [5] * 6, SamplingParams(max_tokens=4), CHAT, tenant="bob")
+        chat = router.submit("chat", [5] * 6, SamplingParams(max_tokens=4), CHAT, tenant="alice").req_id
+        gone = router.submit("gone", [5] * 6, SamplingParams(max_tokens=4), CHAT, tenant="bob").req_id
         await router._feed_once()
         lines = sorted((rid for rid in _added(rep) if rid.startswith("batch-")),
                        key=lambda rid: router.inflight[rid].line.line_no)
         l0, l1, l2 = lines
         # prefill: every request earns; "stale" (unknown to the router) earns nobody anything
-        _useful_step(router, rep, 1.0, [("chat", 6, 0.1), ("gone", 6, 0.1), (l0, 7, 0.2), (l1, 7, 0.2),
+        _useful_step(router, rep, 1.0, [(chat, 6, 0.1), (gone, 6, 0.1), (l0, 7, 0.2), (l1, 7, 0.2),
                                         (l2, 7, 0.2), ("stale", 3, 0.1)],
-                     [_out(r, [1]) for r in ("chat", "gone", l0, l1, l2)])
+                     [_out(r, [1]) for r in (chat, gone, l0, l1, l2)])
         assert _useful(router.meter) == pytest.approx({("alice", "interactive"): 0.2, ("bob", "interactive"): 0.2,
                                                        ("carol", "batch"): 1.2})
         # bob's client goes away: what streamed was delivered; l0 finishes; l1 is aborted (requeued),
         # l2 gets an error line
-        assert router.abort("gone")
-        _useful_step(router, rep, 0.2, [("chat", 1, 0.01), (l0, 1, 0.02), (l1, 1, 0.02)],
-                     [_out("gone", [], pb.FINISH_REASON_ABORT), _out("chat", [2]),
+        assert router.abort_for("bob", "gone")
+        _useful_step(router, rep, 0.2, [(chat, 1, 0.01), (l0, 1, 0.02), (l1, 1, 0.02)],
+                     [_out(gone, [], pb.FINISH_REASON_ABORT), _out(chat, [2]),
                       _out(l0, [2, 3, 4], pb.FINISH_REASON_LENGTH), _out(l1, [], pb.FINISH_REASON_ABORT),
                       _out(l2, [], pb.FINISH_REASON_ERROR, error_code="bad", error_message="x")])
         await router.flush_writes()
@@ -396,7 +396,7 @@ def test_undelivered_batch_work_is_debited_and_chat_work_is_kept(frontend, tmp_p
         store.create_batch(chat_line("late", "again", max_tokens=4).encode(), tenant="carol")
         await router._feed_once()
         (late, _), = _added(rep).items()
-        _useful_step(router, rep, 0.5, [(late, 5, 0.3), ("chat", 1, 0.01)], [_out(late, [1]), _out("chat", [3])])
+        _useful_step(router, rep, 0.5, [(late, 5, 0.3), (chat, 1, 0.01)], [_out(late, [1]), _out(chat, [3])])
         router.on_lost("rank 0 exited")
         await router.flush_writes()
         useful = _useful(router.meter)
@@ -418,26 +418,26 @@ def test_failed_kv_handoff_debits_the_prefill_replicas_part(frontend, tmp_path):
         p, d = _replica(0, pb.REPLICA_ROLE_PREFILL, num_ranks=2), _replica(1, pb.REPLICA_ROLE_DECODE)
         router = _router(frontend, store, p, d)
         store.create_batch(chat_line("l", "a longer prompt for the batch line", max_tokens=2).encode(), tenant="carol")
-        router.submit("e", [3] * 9, SamplingParams(max_tokens=2), CHAT, tenant="erin")
+        e = router.submit("e", [3] * 9, SamplingParams(max_tokens=2), CHAT, tenant="erin").req_id
         await router._feed_once()
         on_p = _added(p)
         line = next(rid for rid in on_p if rid.startswith("batch-"))
         plen = {rid: len(a.prompt_token_ids) for rid, (_, a) in on_p.items()}
-        _useful_step(router, p, 0.5, [("e", plen["e"], 0.1), (line, plen[line], 0.2)])  # x2 ranks
-        for rid in ("e", line):
+        _useful_step(router, p, 0.5, [(e, plen[e], 0.1), (line, plen[line], 0.2)])  # x2 ranks
+        for rid in (e, line):
             router.on_outputs(p, wpb.StepOutputs(outputs=[_out(rid, kv_event=wpb.KvEvent(ready=wpb.KvReady(
                 block_ids=[1], num_tokens=plen[rid] - 1)))]))
         _added(d)
-        for rid in ("e", line):
+        for rid in (e, line):
             router.on_outputs(d, wpb.StepOutputs(outputs=[_out(rid, kv_event=wpb.KvEvent(recv_meta_json="{}"))]))
         router.on_outputs(d, wpb.StepOutputs(outputs=[  # erin's transfer fails, the line's succeeds
-            _out("e", kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=False))),
+            _out(e, kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=False))),
             _out(line, kv_event=wpb.KvEvent(result=wpb.KvTransferResult(is_send=False, success=True)))]))
         assert _useful(router.meter) == pytest.approx({("carol", "batch"): 0.4})  # erin's 0.2 taken back
         # D recomputes erin's prompt (and earns it), and computes the line's last prompt token
-        _useful_step(router, d, 0.3, [("e", plen["e"], 0.15), (line, 1, 0.01)], [_out("e", [1]), _out(line, [1])])
-        _useful_step(router, d, 0.1, [("e", 1, 0.02), (line, 1, 0.02)],
-                     [_out("e", [2], pb.FINISH_REASON_LENGTH), _out(line, [2], pb.FINISH_REASON_LENGTH)])
+        _useful_step(router, d, 0.3, [(e, plen[e], 0.15), (line, 1, 0.01)], [_out(e, [1]), _out(line, [1])])
+        _useful_step(router, d, 0.1, [(e, 1, 0.02), (line, 1, 0.02)],
+                     [_out(e, [2], pb.FINISH_REASON_LENGTH), _out(line, [2], pb.FINISH_REASON_LENGTH)])
         await router.flush_writes()
         assert _useful(router.meter) == pytest.approx({("erin", "interactive"): 0.17, ("carol", "batch"): 0.43})
         store.close()
