@@ -25,6 +25,14 @@ def chat_line(custom_id: str, content: str, max_tokens: int = 16, **body) -> str
                                 "temperature": 0, **body}})
 
 
+def keys_cli(config: Path | str, *args: str) -> str:
+    """``hpcserve keys ARGS --config CONFIG`` (e.g. ``"add", "--tenant", "alice"``); its stdout, stripped."""
+    out = subprocess.run([sys.executable, "-m", "hpcserve", "keys", *args, "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def descendants(pid: int) -> list[int]:
     """Pids of every live descendant of ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -28,7 +26,7 @@ import urllib.request
 
 import grpc
 import pytest
-from daemon_harness import Daemon, chat_line, reap_all, worker_rank_pids
+from daemon_harness import Daemon, chat_line, keys_cli, reap_all, worker_rank_pids
 
 from hpcserve.api.v1 import serving_pb2 as pb
 
@@ -64,13 +62,6 @@ requests-per-minute = 1
 MAX_BYTES = 3_500_000
 
 
-def _keys(config, *args) -> str:
-    out = subprocess.run([sys.executable, "-m", "hpcserve", "keys", *args, "--config", str(config)],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _reap_daemons():
     yield
@@ -86,7 +77,7 @@ def site(tiny_model_factory, tmp_path_factory):
     config = root / "site.toml"
     config.write_text(SITE.format(keys=root / "keys.json", inputs=inputs, max_bytes=MAX_BYTES,
                                   quota_gb=QUOTA_BYTES / 2**30))
-    keys = {t: _keys(config, "add", "--tenant", t) for t in ("alice", "bob", "iso", "flood")}
+    keys = {t: keys_cli(config, "add", "--tenant", t) for t in ("alice", "bob", "iso", "flood")}
     d = Daemon(root / "state", tiny_model_factory("llama"), ranks=1,
                extra_args=("--config", str(config), "--http", "127.0.0.1:0")).start()
     ep = json.loads((root / "state" / "endpoint.json").read_text())

@@ -21,7 +21,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
-from daemon_harness import Daemon, chat_line, reap_all
+from daemon_harness import Daemon, chat_line, keys_cli, reap_all
 
 from hpcserve.api.v1 import serving_pb2 as pb
 
@@ -56,13 +56,6 @@ requests-per-minute = 1
 """
 
 
-def _keys(config, *args) -> str:
-    out = subprocess.run([sys.executable, "-m", "hpcserve", "keys", *args, "--config", str(config)],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _reap_daemons():
     yield
@@ -74,7 +67,7 @@ def site(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-http")
     config = root / "site.toml"
     config.write_text(TENANTS.format(keys=root / "keys.json"))
-    keys = {t: _keys(config, "add", "--tenant", t) for t in ("alice", "bob", "limited", "quota", "nomodel", "batchonly", "onepm")}
+    keys = {t: keys_cli(config, "add", "--tenant", t) for t in ("alice", "bob", "limited", "quota", "nomodel", "batchonly", "onepm")}
     d = Daemon(root / "state", tiny_model_factory("llama"), ranks=1,
                extra_args=("--config", str(config), "--http", "127.0.0.1:0")).start()
     ep = json.loads((root / "state" / "endpoint.json").read_text())
@@ -237,7 +230,7 @@ def test_wrong_key_is_rejected_on_http_and_grpc(site):
 
 
 def test_key_added_and_revoked_while_running(site):
-    key = _keys(site["config"], "add", "--tenant", "bob", "--note", "late")
+    key = keys_cli(site["config"], "add", "--tenant", "bob", "--note", "late")
     deadline = time.monotonic() + 30
     while True:  # the daemon re-reads the keys file within about a second
         try:
@@ -246,9 +239,9 @@ def test_key_added_and_revoked_while_running(site):
         except openai.AuthenticationError:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-    listed = json.loads(_keys(site["config"], "list", "--json"))
+    listed = json.loads(keys_cli(site["config"], "list", "--json"))
     key_id = next(k["key_id"] for k in listed if k["note"] == "late")
-    _keys(site["config"], "revoke", key_id)
+    keys_cli(site["config"], "revoke", key_id)
     deadline = time.monotonic() + 30
     while True:
         try:

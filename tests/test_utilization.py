@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from daemon_harness import TERMINAL, Daemon, chat_line, reap_all
+from daemon_harness import TERMINAL, Daemon, chat_line, keys_cli, reap_all
 
 from hpcserve.api.v1 import serving_pb2 as pb
 from hpcserve.daemon.utilization import KEYS, economic_utilization, share, window_utilization
@@ -81,12 +81,7 @@ def site(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("utilization")
     config = root / "site.toml"
     config.write_text(SITE.format(keys=root / "keys.json"))
-    keys = {}
-    for t in ("alice", "bob"):
-        out = subprocess.run([sys.executable, "-m", "hpcserve", "keys", "add", "--tenant", t, "--config", str(config)],
-                             capture_output=True, text=True, timeout=60, check=False)
-        assert out.returncode == 0, out.stderr
-        keys[t] = out.stdout.strip()
+    keys = {t: keys_cli(config, "add", "--tenant", t) for t in ("alice", "bob")}
     # a long context, so a batch line of thousands of tokens is still running when it is cancelled
     model = tiny_model_factory("llama", max_position_embeddings=8192)
     d = Daemon(root / "state", model, ranks=2, extra_args=("--config", str(config))).start()

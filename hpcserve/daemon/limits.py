@@ -121,29 +121,18 @@ class Limiter:
     def admit(self, tenant: str, est_tokens: int) -> Lease:
         """Charge one request of ``est_tokens`` tokens to ``tenant`` and return its lease, or raise
         AuthError("resource_exhausted") naming the limit, charging nothing."""
-        p = self._policy(tenant)
-        est = max(int(est_tokens), 0)
-        used_today = self._tokens_today(tenant) if p.daily_token_quota else 0
-        with self._lock:
-            now = self._clock()
-            u = self._usage[tenant]
-            u.prune(now)
-            self._check_concurrency(tenant, p, u)
-            self._check_rpm(tenant, p, u, now)
-            self._check_tpm(tenant, p, u, now, est)
-            if p.daily_token_quota and used_today >= p.daily_token_quota:
-                raise self._quota_error(tenant, p, used_today)
-            u.active += 1
-            u.requests.append(now)
-            entry = [now, est]
-            u.tokens.append(entry)
-        return Lease(self, tenant, entry)
+        return self._check(tenant, max(int(est_tokens), 0))
 
     def precheck(self, tenant: str) -> None:
         """Raise the AuthError ``admit`` would raise for any request of ``tenant`` right now (streams,
         requests per minute, a tokens-per-minute window already full, daily quota), charging nothing.
         Admission calls it before tokenizing, so an over-limit tenant costs the daemon no work;
         ``admit`` still decides (with the request's tokens)."""
+        self._check(tenant, None)
+
+    def _check(self, tenant: str, est: int | None) -> Lease | None:
+        """The rules in order; with ``est`` (a request's tokens) the request is charged and its lease
+        returned, without (a precheck) nothing is charged."""
         p = self._policy(tenant)
         used_today = self._tokens_today(tenant) if p.daily_token_quota else 0
         with self._lock:
@@ -152,10 +141,19 @@ class Limiter:
             u.prune(now)
             self._check_concurrency(tenant, p, u)
             self._check_rpm(tenant, p, u, now)
-            if p.tokens_per_minute and u.window_tokens() >= p.tokens_per_minute:
-                self._check_tpm(tenant, p, u, now, 1)
+            if est is not None:
+                self._check_tpm(tenant, p, u, now, est)
+            elif p.tokens_per_minute and u.window_tokens() >= p.tokens_per_minute:
+                self._check_tpm(tenant, p, u, now, 1)  # the window is full: no request fits
             if p.daily_token_quota and used_today >= p.daily_token_quota:
                 raise self._quota_error(tenant, p, used_today)
+            if est is None:
+                return None
+            u.active += 1
+            u.requests.append(now)
+            entry = [now, est]
+            u.tokens.append(entry)
+        return Lease(self, tenant, entry)
 
     def _finish(self, lease: Lease, actual_tokens: int | None) -> None:
         with self._lock:

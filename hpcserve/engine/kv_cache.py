@@ -45,7 +45,6 @@ from collections import OrderedDict
 
 from hpcserve.engine.request import Request
 
-
 HASH_BYTES = 16
 
 
