@@ -35,35 +35,54 @@ def bench() -> None:
 @click.option("--num-prompts", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--input-len", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Checkpoint dtype (both engines compute in hpcserve's compute dtype for it).")
 @click.option("--baseline", default=None, type=click.Choice(["hf"]), help="Also run transformers generate on the same prompts.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads for both engines (default: torch's choice).")
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(1), help="Alternate the engines this many rounds; each one's best round counts.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts (each round draws its own).")
+@click.option("--prefix-caching", is_flag=True, help="Turn hpcserve's prefix cache on (off by default: the prompts "
+              "share no prefixes, and transformers has no such cache).")
+@click.option("--native-baseline", is_flag=True, help="When hpcserve computes a bf16 checkpoint in fp32 here, also "
+              "time transformers in native bf16 (an extra number, not the headline ratio).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threads, repeats, as_json) -> None:
+def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threads, repeats, seed, prefix_caching,
+               native_baseline, as_json) -> None:
     """Offline generation throughput: random prompts, fixed output length, greedy.
 
     Every prompt generates exactly --output-len tokens (EOS ignored). With
     --baseline hf, transformers' generate runs the same prompts in the same
-    process; the two alternate for --repeats rounds, each one's best round
-    counts, and the ratio hpcserve/baseline is printed. The cores are shared:
-    compare ratios, and use --repeats 3 or more for numbers you quote.
+    process, in the same compute dtype on the same weight values; the two
+    alternate for --repeats rounds, every round (and the warm-up) on prompts
+    of its own, each engine's best round counts, and the ratio
+    hpcserve/baseline is printed. hpcserve's prefix cache is off unless
+    --prefix-caching. The cores are shared: compare ratios, and use --repeats
+    3 or more for numbers you quote. See bench/README.md.
     """
+    from hpcserve.bench.machine import describe
     from hpcserve.bench.throughput import run_throughput
 
     say = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
     res = run_throughput(
-        model, num_prompts, input_len, output_len, dtype, baseline, num_threads=threads, repeats=repeats, progress=say
+        model, num_prompts, input_len, output_len, dtype, baseline, num_threads=threads, seed=seed, repeats=repeats,
+        prefix_caching=prefix_caching, native_baseline=native_baseline, progress=say,
     )
     if as_json:
         click.echo(json.dumps(res))
         return
-    h, b = res["hpcserve"], res["baseline"]
-    click.echo(f"{'engine':<10} {'tokens/s':>10} {'elapsed s':>10}  dtype (compute)")
-    click.echo(f"{'hpcserve':<10} {h['tokens_per_s']:>10.1f} {h['elapsed_s']:>10.2f}  {h['dtype']} ({h['compute_dtype']})")
-    if b:
-        click.echo(f"{b['name']:<10} {b['tokens_per_s']:>10.1f} {b['elapsed_s']:>10.2f}  {b['dtype']}")
-        click.echo(f"ratio: {res['ratio']:.2f}x   greedy outputs identical: {res['greedy_match']:.0%}")
+    for line in describe(res["machine"]):
+        click.echo(line)
+    h = res["hpcserve"]
+    click.echo(f"{'engine':<10} {'tokens/s':>10} {'elapsed s':>10} {'cached tok':>10}  checkpoint -> compute dtype")
+    rows = [("hpcserve", h, "")] + [(b["name"], b, label) for b, label in
+                                    ((res["baseline"], ""), (res["baseline_native"], "  (extra, not the headline)"))
+                                    if b]
+    for name, e, label in rows:
+        click.echo(f"{name:<10} {e['tokens_per_s']:>10.1f} {e['elapsed_s']:>10.2f} {e['num_cached_tokens']:>10d}  "
+                   f"{e['checkpoint_dtype']} -> {e['compute_dtype']}{label}")
+    if res["baseline"]:
+        click.echo(f"ratio: {res['ratio']:.2f}x ({h['compute_dtype']} vs {res['baseline']['compute_dtype']})   "
+                   f"greedy outputs identical: {res['greedy_match']:.0%}")
 
 
 def _mixed_help() -> str:
