@@ -103,10 +103,12 @@ def _flags_text(flags: Mapping) -> str:
 def describe(report: Mapping) -> list[str]:
     """Two or three lines: CPU and flags; torch and bf16; the engine paths."""
     cpu = report.get("cpu") or {}
-    lines = [f"cpu: {cpu.get('model_name')} ({cpu.get('logical_cpus')} logical CPUs; "
-             f"{_flags_text(cpu.get('flags') or {})})",
-             f"torch {report.get('torch')}, {report.get('torch_threads')} threads in this process, native bf16: "
-             f"{'yes' if report.get('native_bf16') else 'no'}"]
+    lines = [(f"cpu: {cpu.get('model_name')} ({cpu.get('logical_cpus')} logical CPUs; "
+              f"{_flags_text(cpu.get('flags') or {})})"),
+             (f"torch {report.get('torch')}, {report.get('torch_threads')} threads in this process, native bf16: "
+              f"{'yes' if report.get('native_bf16') else 'no'}")]
+    if report.get("checkpoint_dtype"):
+        lines.append(f"daemon dtype: {report['checkpoint_dtype']} checkpoint, computed in {report.get('compute_dtype')}")
     p = report.get("paths")
     if p:
         lines.append(f"engine paths: GEMM {p.get('gemm')}, fused CPU ops {'on' if p.get('fused_cpu_ops') else 'off'}, "
