@@ -278,6 +278,15 @@ def test_placement_per_mode(tmp_path):
         assert load_config(path, overrides={"daemon.ranks": 2}, env={}).daemon.chat_pack_limit == pack, mode
 
 
+def test_rank_threads_do_not_oversubscribe():
+    assert mixed.rank_threads(None, 2, 2) == 1 and mixed.rank_threads(None, 2, 16) == 8
+    assert mixed.rank_threads(None, 4, 2) == 1 and mixed.rank_threads(None, 2, None) == 1
+    assert mixed.rank_threads(4, 2, 16) is None                          # the site's setting wins
+    assert mixed.daemon_config({}, 1.0, 0.1, 0, num_threads=3)["engine"]["num-threads"] == 3
+    assert mixed.daemon_config({"engine": {"num-threads": 5}}, 1.0, 0.1, 0, num_threads=3)["engine"] == {
+        "num-threads": 5}
+
+
 def test_cached_tokens_per_mode():
     recs = [ChatRecord(0.0, [(0.1, 1)], cached_tokens=16), ChatRecord(0.0, [(0.1, 1)])]
     snap = _snap([0], [0], [0.0])

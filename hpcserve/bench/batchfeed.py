@@ -91,7 +91,10 @@ class BatchFeed:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for bid in self.batch_ids:
             if self._status.get(bid) not in TERMINAL:
-                await self.stub.CancelBatch(pb.CancelBatchRequest(batch_id=bid), metadata=self.md, timeout=30)
+                try:
+                    await self.stub.CancelBatch(pb.CancelBatchRequest(batch_id=bid), metadata=self.md, timeout=30)
+                except grpc.aio.AioRpcError as exc:  # e.g. it finished meanwhile; the caller waits for idle
+                    self.say(f"[{self.mode}] cancelling {bid}: {exc.code().name}: {exc.details()}")
         return list(self.batch_ids)
 
     async def _submit(self, n: int) -> None:
@@ -122,7 +125,10 @@ class BatchFeed:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
-            await self.poll()
+            try:
+                await self.poll()
+            except grpc.aio.AioRpcError as exc:  # one failed poll is not the end of the feed
+                self.say(f"[{self.mode}] batch feed poll failed ({exc.code().name}: {exc.details()}); retrying")
 
     async def poll(self) -> None:
         for bid in self.batch_ids:

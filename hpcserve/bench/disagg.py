@@ -320,11 +320,9 @@ def render_table(result: Mapping) -> str:
 def daemon_config(user_doc: Mapping | None, ttft_slo_s: float, itl_slo_s: float, roles: str,
                   num_threads: int | None = None) -> dict:
     """The user's site TOML (parsed) with the SLO keys, ``disagg.roles`` and no dedicated chat split;
-    ``engine.num-threads`` set to ``num_threads`` unless the user's file sets it."""
-    doc = mixed.daemon_config(user_doc, ttft_slo_s, itl_slo_s, 0)
+    ``engine.num-threads`` set to ``num_threads`` unless the user's file sets it (``mixed.daemon_config``)."""
+    doc = mixed.daemon_config(user_doc, ttft_slo_s, itl_slo_s, 0, num_threads=num_threads)
     doc.setdefault("disagg", {})["roles"] = roles
-    if num_threads is not None:
-        doc.setdefault("engine", {}).setdefault("num-threads", int(num_threads))
     return doc
 
 

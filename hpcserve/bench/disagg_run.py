@@ -219,7 +219,7 @@ def run_disagg(model: str, ranks: int = 2, duration_s: float = 60.0, rate: float
 
     site = load_config(config_path, overrides={"daemon.ranks": ranks})  # validates the user's file
     user_doc = read_toml(Path(config_path)) if config_path else {}
-    threads = None if site.engine.num_threads else max(1, (os.cpu_count() or 1) // ranks)
+    threads = mixed.rank_threads(site.engine.num_threads, ranks, os.cpu_count())
     say(f"resolving model {model}")
     vocab = model_vocab_size(model)
     mc = load_model_config(resolve_model(model))

@@ -34,6 +34,7 @@ start + duration (window end); let the chats that arrived in the window finish; 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -301,13 +302,14 @@ def run_mixed(model: str, ranks: int, chat_rate: float, duration_s: float, batch
     machine = predicted_machine(site)
     for line in describe(machine):
         say(line)
+    threads = mixed.rank_threads(site.engine.num_threads, ranks, os.cpu_count())
     modes: dict = {}
     daemons_cfg: dict = {}
     max_model_len = None
     with BenchDaemons("mixed", model, ranks, say) as daemons:
         slos = calibrate_slos(daemons, mixed.daemon_config(user_doc, site.slo.chat_ttft_p99_s, site.slo.chat_itl_p99_s,
-                                                           0), vocab, mixed.CHAT_PROMPT_LEN[1], slo_scale,
-                              ttft_slo_s, itl_slo_s)
+                                                           0, num_threads=threads),
+                              vocab, mixed.CHAT_PROMPT_LEN[1], slo_scale, ttft_slo_s, itl_slo_s)
         ttft, itl = slos["chat_ttft_slo_s"], slos["chat_itl_slo_s"]
         for mode in mixed.MODES:
             keys = mixed.placement(mode, ranks)
@@ -329,7 +331,7 @@ def run_mixed(model: str, ranks: int, chat_rate: float, duration_s: float, batch
 
             what = ", ".join(f"{k} {v}" for k, v in daemons_cfg[mode].items())
             modes[mode] = daemons.run(mode, mixed.daemon_config(user_doc, ttft, itl, keys["dedicated-chat-replicas"],
-                                                                keys.get("chat-pack-limit")), body, what)
+                                                                keys.get("chat-pack-limit"), threads), body, what)
     mixed.add_economic_utilization(modes)
     num_arrivals = len(mixed.chat_workload(seed, chat_rate, duration_s, vocab, max_model_len, mode="chat_only"))
     return {
@@ -338,7 +340,7 @@ def run_mixed(model: str, ranks: int, chat_rate: float, duration_s: float, batch
         "config": {
             "model": model, "ranks": ranks, "chat_rate": chat_rate, "duration_s": duration_s,
             "batch_lines": batch_lines, "seed": seed, "chat_ttft_slo_s": ttft, "chat_itl_slo_s": itl,
-            "slo": slos, "daemons": daemons_cfg,
+            "slo": slos, "daemons": daemons_cfg, "engine_num_threads": site.engine.num_threads or threads,
             "split_dedicated_chat_replicas": ranks // 2, "vocab_size": vocab, "max_model_len": max_model_len,
             "num_chat_arrivals": num_arrivals,
             "chat_prompt_len": list(mixed.CHAT_PROMPT_LEN), "chat_output_len": list(mixed.CHAT_OUTPUT_LEN),

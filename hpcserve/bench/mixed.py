@@ -411,15 +411,25 @@ def placement(mode: str, ranks: int) -> dict:
 
 
 def daemon_config(user_doc: Mapping | None, ttft_slo_s: float, itl_slo_s: float,
-                  dedicated_chat_replicas: int, chat_pack_limit: int | None = None) -> dict:
+                  dedicated_chat_replicas: int, chat_pack_limit: int | None = None,
+                  num_threads: int | None = None) -> dict:
     """The user's site TOML (parsed) with the SLO keys and the placement keys set for one daemon
-    (``chat_pack_limit`` None: the user's)."""
+    (``chat_pack_limit`` None: the user's), and ``engine.num-threads`` set to ``num_threads`` unless
+    the user's file sets it."""
     doc = {t: dict(v) for t, v in (user_doc or {}).items()}
     doc.setdefault("slo", {}).update({"chat-ttft-p99-s": float(ttft_slo_s), "chat-itl-p99-s": float(itl_slo_s)})
     doc.setdefault("daemon", {})["dedicated-chat-replicas"] = int(dedicated_chat_replicas)
     if chat_pack_limit is not None:
         doc["daemon"]["chat-pack-limit"] = int(chat_pack_limit)
+    if num_threads is not None:
+        doc.setdefault("engine", {}).setdefault("num-threads", int(num_threads))
     return doc
+
+
+def rank_threads(site_num_threads: int | None, ranks: int, cpu_count: int | None) -> int | None:
+    """``engine.num-threads`` for the benchmark's daemons: None when the site config sets it, else
+    cores // ranks (at least 1), so the ranks do not oversubscribe the cores."""
+    return None if site_num_threads else max(1, (cpu_count or 1) // ranks)
 
 
 def _toml_scalar(v) -> str:
