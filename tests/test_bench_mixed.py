@@ -311,6 +311,7 @@ def test_cli_help_documents_the_workload():
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five daemons (calibrate + one per mode), one after the other
 def test_bench_mixed_end_to_end(tiny_model_factory):
     model = tiny_model_factory("llama")
     proc = subprocess.run(
