@@ -15,9 +15,9 @@ this only; ``loadgen.calibrate_slos``) and sets
 
 All calibration prompts are "unmeasured" prompts (``mixed.unmeasured_ids``, distinct per request), so
 they are never served from the prefix cache and never share blocks with the measured workload. An
-explicit flag overrides its half only. ``SLO_SCALE`` (the default) was chosen so that ``bench mixed``'s
-chat_only mode meets both SLOs for at least 90% of its chat requests at the default chat rate
-(bench/README.md has the measurement).
+explicit flag overrides its half only. ``SLO_SCALE`` (the default) is the smallest scale with which
+``bench mixed``'s chat_only mode met both SLOs for at least 90% of its chat requests in every measured
+run on a 2-core machine at a chat rate it can serve (bench/README.md has the measurements).
 
 Interface::
 
