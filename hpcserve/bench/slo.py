@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from hpcserve.bench import mixed
 from hpcserve.errors import HpcserveError
 
-SLO_SCALE = 10.0
+SLO_SCALE = 20.0
 TTFT_REPEATS = 3
-ITL_REPEATS = 2
+ITL_REPEATS = 4
 ITL_PROMPT_LEN = 16
 ITL_OUTPUT_LEN = 64
 
