@@ -10,40 +10,54 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from hpcserve.bench import disagg
+from hpcserve.bench import disagg, mixed
 from hpcserve.bench.disagg import LONG, PARITY, STREAM, RequestRecord
 
 # ------------------------------------------------------------------------------ workload
 
 
 def test_long_prompt_workload_is_seeded_poisson_within_the_window():
-    a = disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000)
-    assert a == disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000)
-    assert a != disagg.long_prompt_workload(2, rate=2.0, duration_s=30.0, vocab_size=1000)
+    a = disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000, mode="colocated")
+    assert a == disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000, mode="colocated")
+    assert a != disagg.long_prompt_workload(2, rate=2.0, duration_s=30.0, vocab_size=1000, mode="colocated")
     assert 30 <= len(a) <= 90  # 60 expected; a Poisson count this far off would be a bug
     assert [x.index for x in a] == list(range(len(a)))
     assert all(0 < x.at_s < 30.0 for x in a) and [x.at_s for x in a] == sorted(x.at_s for x in a)
     lo, hi = disagg.LONG_PROMPT_LEN
     assert all(lo <= len(x.prompt_ids) <= hi and x.max_tokens == disagg.LONG_OUTPUT_LEN for x in a)
     assert all(100 <= t < 900 for x in a for t in x.prompt_ids)
-    clipped = disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000, max_model_len=512)
+    clipped = disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000, max_model_len=512,
+                                          mode="colocated")
     assert all(len(x.prompt_ids) + x.max_tokens <= 512 for x in clipped)
     assert [x.at_s for x in clipped] == [x.at_s for x in a]  # clipping keeps the schedule
+    # the other mode: the same schedule and lengths, its own token ids
+    b = disagg.long_prompt_workload(1, rate=2.0, duration_s=30.0, vocab_size=1000, mode="disaggregated")
+    assert [(x.at_s, len(x.prompt_ids)) for x in b] == [(x.at_s, len(x.prompt_ids)) for x in a]
+    assert all(x.prompt_ids[:16] != y.prompt_ids[:16] for x, y in zip(a, b))
 
 
-def test_stream_and_parity_prompts_are_the_same_in_both_modes():
-    p = disagg.stream_prompt(0, 3, 5, vocab_size=1000)
-    assert p == disagg.stream_prompt(0, 3, 5, vocab_size=1000)  # the n-th request of a slot, any run
-    assert p != disagg.stream_prompt(0, 3, 6, vocab_size=1000)
-    assert p != disagg.stream_prompt(0, 4, 5, vocab_size=1000)
+def test_stream_prompts_per_mode_and_parity_prompts_shared():
+    p = disagg.stream_prompt(0, 3, 5, vocab_size=1000, mode="colocated")
+    assert p == disagg.stream_prompt(0, 3, 5, vocab_size=1000, mode="colocated")  # the n-th request of a slot
+    assert p != disagg.stream_prompt(0, 3, 6, vocab_size=1000, mode="colocated")
+    assert p != disagg.stream_prompt(0, 4, 5, vocab_size=1000, mode="colocated")
+    q = disagg.stream_prompt(0, 3, 5, vocab_size=1000, mode="disaggregated")
+    assert len(q[0]) == len(p[0]) and q[0] != p[0]                             # same length, own ids
     ids, n = p
     assert disagg.STREAM_PROMPT_LEN[0] <= len(ids) <= disagg.STREAM_PROMPT_LEN[1] and n == disagg.STREAM_OUTPUT_LEN
     par = disagg.parity_prompts(0, vocab_size=1000)
     assert [len(ids) for ids, _ in par] == list(disagg.PARITY_PROMPT_LENS)
-    assert par == disagg.parity_prompts(0, vocab_size=1000)
+    assert par == disagg.parity_prompts(0, vocab_size=1000)                     # the same in both modes
     small = disagg.parity_prompts(0, vocab_size=1000, max_model_len=256)
     assert all(len(ids) + n <= 256 for ids, n in small)
     assert sum(len(ids) >= 2 for ids, _ in par) >= 10 and any(len(ids) >= 256 for ids, _ in par)
+    # parity prompts start with the reserved id, the load's never: they share no prefix-cache block
+    reserved = mixed.reserved_first_id(1000)
+    assert all(ids[0] == reserved for ids, _ in par)
+    load = [disagg.stream_prompt(0, s, k, vocab_size=1000, mode=m)[0] for s in range(8) for k in range(20)
+            for m in disagg.MODES]
+    load += [x.prompt_ids for x in disagg.long_prompt_workload(0, 2.0, 30.0, 1000, mode="colocated")]
+    assert all(ids[0] != reserved for ids in load)
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -57,7 +71,7 @@ def _records():
     c = RequestRecord(100.0, [(100.3, 1), (100.4, 1)], kind=STREAM, key="stream-2-0", prompt_len=20,
                       error="UNAVAILABLE: gone", metrics={"disaggregated": True})
     l1 = RequestRecord(102.0, [(102.5, 1), (102.6, 1)], kind=LONG, key="long-0", prompt_len=600,
-                       metrics={"disaggregated": True, "kv_handoff_failed": False})
+                       metrics={"disaggregated": True, "kv_handoff_failed": False}, cached_tokens=16)
     l2 = RequestRecord(108.0, [(112.0, 1), (112.5, 1)], kind=LONG, key="long-1", prompt_len=700,
                        metrics={"disaggregated": True, "kv_handoff_failed": True})
     return [a, b, c, l1, l2]
@@ -91,6 +105,7 @@ def test_mode_metrics_by_hand():
     assert m["stream_slo_attainment"] == pytest.approx(1 / 3) and m["long_slo_attainment"] == pytest.approx(0.5)
     # 2+ prompt tokens and no error: a, l1, l2; all handed off, l2's handoff failed
     assert (m["num_handoff_eligible"], m["num_disaggregated"], m["num_handoff_failed"]) == (3, 3, 1)
+    assert m["num_cached_tokens"] == 16
     empty = disagg.mode_metrics([], 0.0, 5.0, 1.0, 0.2)
     assert empty["itl_p99_s"] is None and empty["goodput"] == 0.0 and empty["slo_attainment"] is None
 
@@ -130,13 +145,6 @@ def test_compare_parity():
     assert disagg.compare_parity([], [])["parity"] is False  # nothing compared proves nothing
     with pytest.raises(ValueError):
         disagg.compare_parity([[1]], [])
-    a = [RequestRecord(0.0, [(1, 1)], key="long-0", token_ids=[1, 2], done=True),
-         RequestRecord(0.0, [(1, 1)], key="long-1", token_ids=[3], done=True),
-         RequestRecord(0.0, [(1, 1)], key="stream-0-3", token_ids=[5], done=True)]
-    b = [RequestRecord(0.0, [(1, 1)], key="long-0", token_ids=[1, 2], done=True),
-         RequestRecord(0.0, [(1, 1)], key="long-1", token_ids=[4], done=True),
-         RequestRecord(0.0, [], key="long-2", token_ids=[], done=True)]
-    assert disagg.load_parity(a, b) == {"num_compared": 2, "num_identical": 1}
 
 
 def test_targets_and_report():
@@ -217,11 +225,13 @@ def test_cli_help_documents_the_bench():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_bench_disagg_end_to_end(tiny_model_factory):
     model = tiny_model_factory("llama")
     proc = subprocess.run(
-        [sys.executable, "-m", "hpcserve", "bench", "disagg", "--model", str(model), "--duration", "5", "--json"],
-        check=False, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "hpcserve", "bench", "disagg", "--model", str(model), "--duration", "5", "--json",
+         "--chat-ttft-slo", "5", "--chat-itl-slo", "0.5"],  # given: no calibration daemon (bench mixed's test has one)
+        check=False, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[colocated]" in proc.stderr and "[disaggregated]" in proc.stderr  # progress went to stderr
     res = json.loads(proc.stdout)
@@ -240,6 +250,13 @@ def test_bench_disagg_end_to_end(tiny_model_factory):
         assert m["num_failed"] == 0 and m["num_stream_requests"] >= 8 and m["num_itl_gaps"] > 0
         assert m["num_long_requests"] == res["config"]["num_long_prompts"]
     assert colo["num_disaggregated"] == 0 and dis["num_handoff_failed"] == 0
+    for m in (colo, dis):  # a fresh daemon per mode, load prompts of its own: nothing from the prefix cache
+        assert m["num_cached_tokens"] == 0 and m["num_cached_tokens_parity"] == 0
+    cfg = res["config"]
+    assert (cfg["chat_ttft_slo_s"], cfg["chat_itl_slo_s"]) == (5.0, 0.5)
+    assert cfg["slo"]["ttft_from"] == cfg["slo"]["itl_from"] == "flag" and cfg["slo"]["unloaded"] is None
+    assert "starting daemon 'calibrate'" not in proc.stderr
+    assert set(cfg["machine"]["paths"]) == {"gemm", "fused_cpu_ops", "attention"}
     assert dis["num_disaggregated"] == dis["num_handoff_eligible"] > 0
     assert [r["role"] for r in dis["replica_kv"]] == ["REPLICA_ROLE_PREFILL", "REPLICA_ROLE_DECODE"]
     assert res["handoff_latency"] and sum(r["count"] for r in res["handoff_latency"]) == len(res["handoff_samples"])

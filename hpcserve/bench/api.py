@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hpcserve.bench.loadgen import DaemonProcess
+from hpcserve.bench.daemons import DaemonProcess
 
 PROMPTS = ("Explain what an MPI rank is.", "Write a haiku about GPUs.", "What is paged attention?",
            "Name three uses of SQLite.", "How does a Slurm job end?", "Why stream tokens?")

@@ -11,7 +11,8 @@ One benchmark (driven by ``disagg_run.run_disagg``)::
     compare_parity(colocated, disaggregated), handoff_samples(...) -> handoff_table(...)
     evaluate_targets(...), render_table(result)
 
-Load of one mode (identical in both modes, from --seed; lengths are token counts, inclusive):
+Load of one mode (from --seed: the same arrival times and lengths in both modes, token ids of each
+mode's own; lengths are token counts, inclusive):
 
 - ``--streams`` stream slots (``STREAM_PROMPT_LEN`` prompt, ``STREAM_OUTPUT_LEN`` tokens each): every
   slot sends a request at the window start and the next one when the previous ends, until the window
@@ -20,8 +21,9 @@ Load of one mode (identical in both modes, from --seed; lengths are token counts
   ``--rate`` per second during the window: the prefill-heavy load.
 
 All are interactive ``Complete`` requests with token-id prompts, temperature 0, EOS ignored; token ids
-uniform in [100, vocab - 100) (``mixed.token_range``), lengths clipped to the served context
-(``mixed.fit_lengths``). Definitions of the numbers: ``mode_metrics``, ``handoff_table`` and
+uniform in [100, vocab - 100) (``mixed.measured_ids``: never starting with the id that starts the
+parity prompts, so the load shares no prefix-cache block with them), lengths clipped to the served
+context (``mixed.fit_lengths``). Definitions of the numbers: ``mode_metrics``, ``handoff_table`` and
 bench/README.md.
 """
 
@@ -32,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hpcserve.bench import mixed
-from hpcserve.bench.mixed import ChatRecord, fit_lengths, itl_gaps, meets_slo, percentile, token_range
+from hpcserve.bench.mixed import ChatRecord, fit_lengths, itl_gaps, measured_ids, meets_slo, percentile, unmeasured_ids
 
 STREAM_PROMPT_LEN = (16, 32)
 STREAM_OUTPUT_LEN = 128
@@ -59,42 +61,39 @@ class Arrival:
     max_tokens: int
 
 
-def _ids(rng: random.Random, n: int, vocab_size: int) -> tuple[int, ...]:
-    lo, hi = token_range(vocab_size)
-    return tuple(rng.randrange(lo, hi) for _ in range(n))
-
-
 def long_prompt_workload(seed: int, rate: float, duration_s: float, vocab_size: int,
-                         max_model_len: int | None = None) -> list[Arrival]:
+                         max_model_len: int | None = None, *, mode: str) -> list[Arrival]:
     """Poisson arrivals (exponential gaps at ``rate``/s) in [0, duration_s) of long prompts. Times and
-    lengths come from one generator, each prompt's ids from its own, so clipping keeps the schedule."""
+    lengths come from one generator (``seed``: the same in both modes), each prompt's ids from its
+    own (``seed``, ``mode`` and its index), so clipping keeps the schedule."""
     rng = random.Random(f"hpcserve-bench-disagg-long-{seed}")
     out: list[Arrival] = []
     t = rng.expovariate(rate)
     while t < duration_s:
         p, o = fit_lengths(rng.randint(*LONG_PROMPT_LEN), LONG_OUTPUT_LEN, max_model_len)
-        ids = _ids(random.Random(f"hpcserve-bench-disagg-long-{seed}-{len(out)}"), p, vocab_size)
+        ids = measured_ids(random.Random(f"hpcserve-bench-disagg-long-{mode}-{seed}-{len(out)}"), p, vocab_size)
         out.append(Arrival(len(out), t, ids, o))
         t += rng.expovariate(rate)
     return out
 
 
-def stream_prompt(seed: int, slot: int, n: int, vocab_size: int,
-                  max_model_len: int | None = None) -> tuple[tuple[int, ...], int]:
-    """``(prompt ids, max_tokens)`` of the ``n``-th request of stream slot ``slot``: the same in both
-    modes however many requests a slot gets through."""
-    rng = random.Random(f"hpcserve-bench-disagg-stream-{seed}-{slot}-{n}")
-    p, o = fit_lengths(rng.randint(*STREAM_PROMPT_LEN), STREAM_OUTPUT_LEN, max_model_len)
-    return _ids(rng, p, vocab_size), o
+def stream_prompt(seed: int, slot: int, n: int, vocab_size: int, max_model_len: int | None = None, *,
+                  mode: str) -> tuple[tuple[int, ...], int]:
+    """``(prompt ids, max_tokens)`` of the ``n``-th request of stream slot ``slot``: the same length in
+    both modes however many requests a slot gets through, token ids of the mode's own."""
+    p, o = fit_lengths(random.Random(f"hpcserve-bench-disagg-stream-{seed}-{slot}-{n}").randint(*STREAM_PROMPT_LEN),
+                       STREAM_OUTPUT_LEN, max_model_len)
+    return measured_ids(random.Random(f"hpcserve-bench-disagg-stream-{mode}-{seed}-{slot}-{n}"), p, vocab_size), o
 
 
 def parity_prompts(seed: int, vocab_size: int, max_model_len: int | None = None) -> list[tuple[tuple[int, ...], int]]:
-    """One prompt per ``PARITY_PROMPT_LENS`` entry (clipped to the context), ``PARITY_OUTPUT_LEN`` tokens."""
-    rng = random.Random(f"hpcserve-bench-disagg-parity-{seed}")
+    """One prompt per ``PARITY_PROMPT_LENS`` entry (clipped to the context), ``PARITY_OUTPUT_LEN`` tokens;
+    the same in both modes (parity compares their outputs). They are unmeasured prompts
+    (``mixed.unmeasured_ids``): no load prompt shares a prefix-cache block with them."""
     out = []
-    for n in PARITY_PROMPT_LENS:
+    for i, n in enumerate(PARITY_PROMPT_LENS):
         p, o = fit_lengths(n, PARITY_OUTPUT_LEN, max_model_len)
-        out.append((_ids(rng, p, vocab_size), o))
+        out.append((unmeasured_ids(f"disagg-parity-{seed}-{i}", p, vocab_size), o))
     return out
 
 
@@ -138,7 +137,9 @@ def mode_metrics(records: Sequence[RequestRecord], window_start: float, window_s
       per kind, over requests without error;
     - ``goodput``: requests that finished without error, with TTFT <= ``ttft_slo_s`` and their own
       p99 ITL <= ``itl_slo_s`` (``mixed.meets_slo``), per second of the window; ``slo_attainment``:
-      their fraction of all requests (failed ones count as misses).
+      their fraction of all requests (failed ones count as misses);
+    - ``num_cached_tokens``: prompt tokens of the load served from the prefix cache (``usage.cached_tokens``
+      of each request's last chunk).
     """
     end = load_end(records, window_start + window_s)
     streams = [r for r in records if r.kind == STREAM]
@@ -173,6 +174,7 @@ def mode_metrics(records: Sequence[RequestRecord], window_start: float, window_s
         "long_slo_attainment": attainment(longs),
         "chat_ttft_slo_s": ttft_slo_s,
         "chat_itl_slo_s": itl_slo_s,
+        "num_cached_tokens": sum(r.cached_tokens for r in records),
         **handoff_counts(records),
     }
 
@@ -238,15 +240,6 @@ def compare_parity(colocated: Sequence[Sequence[int] | None], disaggregated: Seq
             "num_identical": len(colocated) - len(mismatches), "mismatches": mismatches}
 
 
-def load_parity(colocated: Iterable[RequestRecord], disaggregated: Iterable[RequestRecord]) -> dict:
-    """The load's requests that ran in both modes (same ``key``, finished without error): how many have
-    identical greedy outputs. Informational: these ran under heavy batching."""
-    a = {r.key: r.token_ids for r in colocated if r.error is None and r.done}
-    b = {r.key: r.token_ids for r in disaggregated if r.error is None and r.done}
-    both = sorted(set(a) & set(b))
-    return {"num_compared": len(both), "num_identical": sum(a[k] == b[k] for k in both)}
-
-
 # ------------------------------------------------------------------------------------- targets
 
 def evaluate_targets(handoff_ratio: float | None, itl_colocated: float | None, itl_disaggregated: float | None,
@@ -287,7 +280,7 @@ _ROWS = (  # (key, label, format)
     ("long_ttft_p50_s", "long TTFT p50 s", ".3f"), ("long_ttft_p99_s", "long TTFT p99 s", ".3f"),
     ("slo_attainment", "SLO attainment", ".2f"), ("goodput", "goodput req/s", ".3f"),
     ("num_disaggregated", "handed off", "d"), ("num_handoff_failed", "handoff failed", "d"),
-    ("load_end_s", "load end s", ".1f"),
+    ("num_cached_tokens", "cached prompt tok", "d"), ("load_end_s", "load end s", ".1f"),
 )
 
 
@@ -303,8 +296,7 @@ def render_table(result: Mapping) -> str:
     for key, label, spec in _ROWS:
         lines.append(f"{label:<18}" + "".join(f"{_f((modes.get(m) or {}).get(key), spec):>15}" for m in MODES))
     cfg = result.get("config", {})
-    lines.append(f"SLO: TTFT <= {cfg.get('chat_ttft_slo_s')} s and per-request p99 ITL <= "
-                 f"{cfg.get('chat_itl_slo_s')} s; goodput = requests meeting both per second of the window")
+    lines.append(mixed.slo_line(cfg) + "; goodput = requests meeting both per second of the window")
     lines += ["", "KV handoff latency vs prompt length (disaggregated run, receive side)",
               f"{'prompt tokens':<14}{'count':>6}{'median ms':>11}{'p90 ms':>10}{'median MiB':>12}{'GiB/s':>10}"]
     for row in result.get("handoff_latency") or []:
@@ -320,7 +312,7 @@ def render_table(result: Mapping) -> str:
                    f"disaggregated daemon handed off {par.get('num_disaggregated')}/"
                    f"{par.get('num_handoff_eligible')} parity prompts of 2+ tokens")]
     lines += target_lines(result["targets"])
-    return "\n".join(lines)
+    return "\n".join(lines + mixed.config_lines(cfg))
 
 
 # -------------------------------------------------------------------------------------- config
@@ -328,11 +320,9 @@ def render_table(result: Mapping) -> str:
 def daemon_config(user_doc: Mapping | None, ttft_slo_s: float, itl_slo_s: float, roles: str,
                   num_threads: int | None = None) -> dict:
     """The user's site TOML (parsed) with the SLO keys, ``disagg.roles`` and no dedicated chat split;
-    ``engine.num-threads`` set to ``num_threads`` unless the user's file sets it."""
-    doc = mixed.daemon_config(user_doc, ttft_slo_s, itl_slo_s, 0)
+    ``engine.num-threads`` set to ``num_threads`` unless the user's file sets it (``mixed.daemon_config``)."""
+    doc = mixed.daemon_config(user_doc, ttft_slo_s, itl_slo_s, 0, num_threads=num_threads)
     doc.setdefault("disagg", {})["roles"] = roles
-    if num_threads is not None:
-        doc.setdefault("engine", {}).setdefault("num-threads", int(num_threads))
     return doc
 
 

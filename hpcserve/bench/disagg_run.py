@@ -5,23 +5,26 @@ by ``hpcserve.bench.disagg``.
 Interface::
 
     run_disagg(model, ranks=2, duration_s=60, rate=0.2, streams=8, seed=0, config_path=None,
-               ttft_slo_s=None, itl_slo_s=None, progress=print_to_stderr) -> dict
+               ttft_slo_s=None, itl_slo_s=None, slo_scale=slo.SLO_SCALE, progress=print_to_stderr) -> dict
 
-Lifecycle:
+Lifecycle (every daemon: ``daemons.BenchDaemons.run``, one at a time):
 
-1. load the user's site config (SLO defaults from its ``[slo]``), read the model's vocabulary size and
-   KV geometry (layers, KV heads, head dim);
-2. per mode, a daemon (``loadgen.DaemonProcess``: ``python -m hpcserve serve`` in its own session on a
-   temporary state dir) with the user's TOML plus the SLO keys, ``engine.num-threads`` (cores // ranks
-   unless the file sets it) and ``disagg.roles``: "" (every replica mixed) for "colocated",
-   ``prefill:1,decode:RANKS-1`` for "disaggregated". Never two daemons at once. In each:
+1. load the user's site config, read the model's vocabulary size and KV geometry (layers, KV heads,
+   head dim); print the machine and engine paths;
+2. unless both SLOs are given: a daemon "calibrate" (the colocated config) measures the unloaded
+   TTFT (at the longest long-prompt length) and ITL; SLOs = ``--slo-scale`` x those
+   (``loadgen.calibrate_slos``, shared with ``bench mixed``);
+3. per mode, a fresh daemon (cold prefix cache) with the user's TOML plus the SLO keys,
+   ``engine.num-threads`` (cores // ranks unless the file sets it) and ``disagg.roles``: "" (every
+   replica mixed) for "colocated", ``prefill:1,decode:RANKS-1`` for "disaggregated". In each:
    a. parity: the ``disagg.parity_prompts`` all at once, greedy; keep the token ids and metrics;
-   b. wait until every replica is idle; the load (``_load``): stream slots in a closed loop and
-      long prompts on their Poisson schedule for the window; then every request runs to its end;
-   c. wait until idle, stop the daemon (SIGTERM, SIGKILL to its group if it hangs; also on errors);
-3. ``mpiexec -n 2 python -m hpcserve.transfer.bench`` with the served geometry (block size, group size
-   and checksum setting from the site config; the KV dtype from the handoff bytes seen in 2.);
-4. the result dict: the issue's keys, per-mode tables, handoff latency, parity, targets, config.
+   b. wait until every replica is idle; the load (``_load``, prompts of the mode's own): stream slots
+      in a closed loop and long prompts on their Poisson schedule for the window; then every request
+      runs to its end;
+   c. wait until idle, stop the daemon;
+4. ``mpiexec -n 2 python -m hpcserve.transfer.bench`` with the served geometry (block size, group size
+   and checksum setting from the site config; the KV dtype from the handoff bytes seen in 3.);
+5. the result dict: the issue's keys, per-mode tables, handoff latency, parity, targets, config.
 
 The temporary directory (state dirs, daemon logs) is removed on success and kept, with its path in
 the error, on failure.
@@ -33,20 +36,17 @@ import asyncio
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import grpc
-
 from hpcserve.api.v1 import serving_pb2 as pb
-from hpcserve.bench import disagg, mixed
+from hpcserve.bench import disagg, mixed, slo
+from hpcserve.bench.daemons import BenchDaemons, DaemonProcess, model_vocab_size, read_toml
 from hpcserve.bench.disagg import LONG, PARITY, STREAM, RequestRecord
-from hpcserve.bench.loadgen import DaemonProcess, Session, _read_toml, _stderr, model_vocab_size
+from hpcserve.bench.loadgen import Session, _stderr, calibrate_slos, predicted_machine
 from hpcserve.errors import HpcserveError
 
 PROGRESS_EVERY_S = 5.0
@@ -141,15 +141,16 @@ async def _drive(daemon: DaemonProcess, mode: str, prompts, arrivals, streams: i
         failed = [r.error for r in par if r.error]
         if failed:
             say(f"[{mode}] {len(failed)} parity request(s) failed, e.g. {failed[0]}")
-        await session.wait_idle(None)
+        await session.wait_idle()
         say(f"[{mode}] load: {streams} stream slots, {len(arrivals)} long prompts over {duration_s:g} s")
         records, t0, window_s = await _load(session, mode, arrivals, streams, duration_s, stream_prompt, say)
         failed = [r.error for r in records if r.error]
         if failed:
             say(f"[{mode}] {len(failed)} request(s) of the load failed, e.g. {failed[0]}")
-        await session.wait_idle(None)
+        await session.wait_idle()
         info = await session.info()
         out = disagg.mode_metrics(records, t0, window_s, ttft_slo_s, itl_slo_s)
+        out["num_cached_tokens_parity"] = sum(r.cached_tokens for r in par)
         out["replica_kv"] = [{"replica_id": r.replica_id, "role": pb.ReplicaRole.Name(r.role),
                               "num_sent": r.kv.num_sent, "num_received": r.kv.num_received,
                               "num_failed": r.kv.num_failed, "bytes_received": r.kv.bytes_received,
@@ -199,9 +200,11 @@ def run_transfer_bench(mpiexec: str, geometry: dict, tokens: Sequence[int], grou
 
 def run_disagg(model: str, ranks: int = 2, duration_s: float = 60.0, rate: float = 0.2, streams: int = 8,
                seed: int = 0, config_path: str | os.PathLike | None = None, ttft_slo_s: float | None = None,
-               itl_slo_s: float | None = None, progress: Callable[[str], None] | None = _stderr) -> dict:
+               itl_slo_s: float | None = None, slo_scale: float = slo.SLO_SCALE,
+               progress: Callable[[str], None] | None = _stderr) -> dict:
     """Run both modes and the transfer benchmark; see the module docstring. Raises ``HpcserveError``
     with the failing daemon's log tail."""
+    from hpcserve.bench.machine import describe
     from hpcserve.config import load_config
     from hpcserve.models.config import load_model_config
     from hpcserve.models.loader import resolve_model
@@ -215,51 +218,42 @@ def run_disagg(model: str, ranks: int = 2, duration_s: float = 60.0, rate: float
             progress(f"bench disagg {time.monotonic() - started:6.1f}s {msg}")
 
     site = load_config(config_path, overrides={"daemon.ranks": ranks})  # validates the user's file
-    ttft_slo_s = site.slo.chat_ttft_p99_s if ttft_slo_s is None else ttft_slo_s
-    itl_slo_s = site.slo.chat_itl_p99_s if itl_slo_s is None else itl_slo_s
-    user_doc = _read_toml(Path(config_path)) if config_path else {}
-    threads = None if site.engine.num_threads else max(1, (os.cpu_count() or 1) // ranks)
+    user_doc = read_toml(Path(config_path)) if config_path else {}
+    threads = mixed.rank_threads(site.engine.num_threads, ranks, os.cpu_count())
     say(f"resolving model {model}")
     vocab = model_vocab_size(model)
     mc = load_model_config(resolve_model(model))
     block_size = site.engine.block_size
+    machine = predicted_machine(site)
+    for line in describe(machine):
+        say(line)
     roles = {"colocated": "", "disaggregated": f"prefill:1,decode:{ranks - 1}"}
-    workdir = Path(tempfile.mkdtemp(prefix="hpcserve-bench-disagg-"))
     runs: dict = {}
-    prompts = arrivals = max_model_len = None
-    ok = False
-    try:
+    prompts = max_model_len = None
+    with BenchDaemons("disagg", model, ranks, say) as daemons:
+        slos = calibrate_slos(daemons, disagg.daemon_config(user_doc, site.slo.chat_ttft_p99_s,
+                                                            site.slo.chat_itl_p99_s, roles["colocated"], threads),
+                              vocab, disagg.LONG_PROMPT_LEN[1], slo_scale, ttft_slo_s, itl_slo_s)
+        ttft, itl = slos["chat_ttft_slo_s"], slos["chat_itl_slo_s"]
         for mode in disagg.MODES:
-            cfg_path = workdir / f"{mode}.toml"
-            cfg_path.write_text(mixed.dump_toml(disagg.daemon_config(user_doc, ttft_slo_s, itl_slo_s, roles[mode],
-                                                                      threads)))
-            load_config(cfg_path, overrides={"daemon.ranks": ranks})  # a bad merge fails here, not in the daemon
-            daemon = DaemonProcess(mode, model, ranks, cfg_path, workdir)
-            say(f"starting daemon '{mode}' ({ranks} ranks, roles {roles[mode] or 'all mixed'}); "
-                f"logs in {daemon.log_path}")
-            try:
-                info = daemon.start()
-                say(f"daemon '{mode}' ready (max_model_len {info.max_model_len}, replicas "
-                    + ", ".join(pb.ReplicaRole.Name(r.role).removeprefix("REPLICA_ROLE_").lower()
-                                for r in info.replicas) + ")")
+            def body(daemon: DaemonProcess, info: pb.ServerInfo, mode: str = mode) -> dict:
+                nonlocal prompts, max_model_len
+                say(f"daemon '{mode}' replicas: " + ", ".join(
+                    pb.ReplicaRole.Name(r.role).removeprefix("REPLICA_ROLE_").lower() for r in info.replicas))
                 if mode == "disaggregated" and not any(r.role == pb.REPLICA_ROLE_PREFILL for r in info.replicas):
                     raise HpcserveError("the disaggregated daemon reports no prefill replica")
+                max_model_len = info.max_model_len or None
                 if prompts is None:
-                    max_model_len = info.max_model_len or None
                     prompts = disagg.parity_prompts(seed, vocab, max_model_len)
-                    arrivals = disagg.long_prompt_workload(seed, rate, duration_s, vocab, max_model_len)
-                    say(f"workload: {len(arrivals)} long prompts in {duration_s:g} s, {streams} stream slots")
+                arrivals = disagg.long_prompt_workload(seed, rate, duration_s, vocab, max_model_len, mode=mode)
+                say(f"[{mode}] workload: {len(arrivals)} long prompts in {duration_s:g} s, {streams} stream slots")
                 stream_prompt = functools.partial(disagg.stream_prompt, seed, vocab_size=vocab,
-                                                  max_model_len=max_model_len)
-                runs[mode] = asyncio.run(_drive(daemon, mode, prompts, arrivals, streams, duration_s, stream_prompt,
-                                                ttft_slo_s, itl_slo_s, say))
-            except (HpcserveError, grpc.RpcError) as exc:
-                why = (f"a call to the {mode} daemon failed ({exc.code().name}: {exc.details()})"
-                       if isinstance(exc, grpc.RpcError) else str(exc))
-                raise HpcserveError(f"{why}\n{daemon.log_tail()}\n(benchmark files kept in {workdir})") from None
-            finally:
-                say(f"stopping daemon '{mode}'")
-                daemon.stop()
+                                                  max_model_len=max_model_len, mode=mode)
+                return asyncio.run(_drive(daemon, mode, prompts, arrivals, streams, duration_s, stream_prompt,
+                                          ttft, itl, say))
+
+            runs[mode] = daemons.run(mode, disagg.daemon_config(user_doc, ttft, itl, roles[mode], threads), body,
+                                     f"roles {roles[mode] or 'all mixed'}")
         dis = runs["disaggregated"]
         per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim
         itemsize = _kv_itemsize(dis["parity"] + dis["load"], per_token, block_size)
@@ -268,18 +262,15 @@ def run_disagg(model: str, ranks: int = 2, duration_s: float = 60.0, rate: float
         say(f"handoff vs raw MPI: mpiexec -n 2 python -m hpcserve.transfer.bench ({geometry})")
         tb = run_transfer_bench(site.daemon.mpiexec_path, geometry, disagg.TRANSFER_TOKENS, site.disagg.group_mib,
                                 site.disagg.kv_checksum)
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return _result(runs, tb, prompts, arrivals, geometry, itemsize, cfg={
+    num_long = len(disagg.long_prompt_workload(seed, rate, duration_s, vocab, max_model_len, mode="colocated"))
+    return _result(runs, tb, prompts, num_long, geometry, itemsize, cfg={
         "model": model, "ranks": ranks, "duration_s": duration_s, "rate": rate, "streams": streams, "seed": seed,
-        "chat_ttft_slo_s": ttft_slo_s, "chat_itl_slo_s": itl_slo_s, "roles": roles, "vocab_size": vocab,
+        "chat_ttft_slo_s": ttft, "chat_itl_slo_s": itl, "slo": slos, "roles": roles, "vocab_size": vocab,
         "max_model_len": max_model_len, "engine_num_threads": site.engine.num_threads or threads,
-        "site_config": str(config_path) if config_path else None})
+        "machine": machine, "site_config": str(config_path) if config_path else None})
 
 
-def _result(runs: dict, tb: dict, prompts, arrivals, geometry: dict, itemsize, cfg: dict) -> dict:
+def _result(runs: dict, tb: dict, prompts, num_long: int, geometry: dict, itemsize, cfg: dict) -> dict:
     colo, dis = runs["colocated"], runs["disaggregated"]
     lens = [len(ids) for ids, _ in prompts]
 
@@ -304,9 +295,8 @@ def _result(runs: dict, tb: dict, prompts, arrivals, geometry: dict, itemsize, c
         "handoff_latency": disagg.handoff_table(samples),
         "handoff_samples": samples,
         "parity_detail": parity,
-        "load_parity": disagg.load_parity(colo["load"], dis["load"]),
         "transfer_bench": {k: tb.get(k) for k in ("geometry", "config", "results", "verified")},
-        "config": {**cfg, "num_long_prompts": len(arrivals), "kv_itemsize_observed": itemsize,
+        "config": {**cfg, "num_long_prompts": num_long, "kv_itemsize_observed": itemsize,
                    "kv_geometry": geometry, "transfer_tokens": list(disagg.TRANSFER_TOKENS),
                    "stream_prompt_len": list(disagg.STREAM_PROMPT_LEN), "stream_output_len": disagg.STREAM_OUTPUT_LEN,
                    "long_prompt_len": list(disagg.LONG_PROMPT_LEN), "long_output_len": disagg.LONG_OUTPUT_LEN,

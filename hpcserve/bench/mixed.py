@@ -3,9 +3,10 @@ no gRPC, no torch (the daemon-driving half is ``hpcserve.bench.loadgen``).
 
 Lifecycle of one benchmark (driven by ``loadgen.run_mixed``)::
 
-    chat_workload(...) / batch_workload(...)     once, from --seed: the same load in every mode
-    per mode: ChatRecord per chat request (arrival + token arrival times), two Snapshots of the
-              replicas' cumulative counters (window start, window end)
+    per mode: chat_workload(..., mode=m) / batch_workload(..., mode=m)   from --seed: the same arrival
+              times and lengths in every mode, token ids of the mode's own
+              ChatRecord per chat request (arrival + token arrival times, cached prompt tokens), two
+              Snapshots of the replicas' cumulative counters (window start, window end)
               -> mode_metrics(records, start, end, ...) -> dict (one column of the table)
               + the economic utilization of the window, from the daemon's useful-work meter
                 (two admin GetUsage snapshots -> daemon.utilization.window_utilization)
@@ -17,11 +18,14 @@ Workload (module constants; lengths are token counts, uniform and inclusive):
 - chat: Poisson arrivals at --chat-rate over the window, each a ``Complete`` stream with a
   token-id prompt of ``CHAT_PROMPT_LEN`` tokens and ``CHAT_OUTPUT_LEN`` output tokens
   (ignore_eos, temperature 0);
-- batch: --batch-lines ``/v1/completions`` lines, prompt ``BATCH_PROMPT_LEN`` tokens,
-  max_tokens ``BATCH_OUTPUT_LEN`` (ignore_eos, temperature 0).
+- batch: ``/v1/completions`` lines, prompt ``BATCH_PROMPT_LEN`` tokens, max_tokens
+  ``BATCH_OUTPUT_LEN`` (ignore_eos, temperature 0); line i is the same in every run of a seed.
 
-Token ids are uniform in [100, vocab - 100). If prompt + output exceeds the served context
-length, the output is first capped at half of it and the prompt then shortened (``fit_lengths``).
+Token ids are uniform in [100, vocab - 100) (``token_range``); a measured prompt never starts with
+``reserved_first_id`` (the lowest of them), which starts every prompt that is not measured (warm-up,
+SLO calibration, disagg's parity prompts; ``unmeasured_ids``), so the two never share a prefix-cache
+block. If prompt + output exceeds the served context length, the output is first capped at half of
+it and the prompt then shortened (``fit_lengths``).
 
 Metric definitions are in ``mode_metrics`` and bench/README.md.
 """
@@ -80,31 +84,53 @@ def fit_lengths(prompt_len: int, output_len: int, max_model_len: int | None) -> 
     return max(1, min(prompt_len, max_model_len - output_len)), output_len
 
 
-def _draw(rng: random.Random, prompt_range, output_range, vocab_size: int, max_model_len):
-    p, o = fit_lengths(rng.randint(*prompt_range), rng.randint(*output_range), max_model_len)
+def reserved_first_id(vocab_size: int) -> int:
+    """The first token of every prompt that is not measured; no measured prompt starts with it."""
+    return token_range(vocab_size)[0]
+
+
+def measured_ids(rng: random.Random, n: int, vocab_size: int) -> tuple[int, ...]:
+    """``n`` token ids uniform in ``token_range``, the first never ``reserved_first_id``."""
     lo, hi = token_range(vocab_size)
-    return tuple(rng.randrange(lo, hi) for _ in range(p)), o
+    if n <= 0:
+        return ()
+    first = rng.randrange(lo + 1 if hi - lo >= 2 else lo, hi)
+    return (first, *(rng.randrange(lo, hi) for _ in range(n - 1)))
 
 
-def chat_workload(seed: int, rate: float, duration_s: float, vocab_size: int,
-                  max_model_len: int | None = None) -> list[ChatArrival]:
-    """Poisson arrivals (exponential gaps at ``rate``/s) in [0, duration_s), with their prompts."""
-    rng = random.Random(f"hpcserve-bench-mixed-chat-{seed}")
+def unmeasured_ids(key: str, n: int, vocab_size: int) -> tuple[int, ...]:
+    """A prompt that is not measured (warm-up, calibration, parity): ``reserved_first_id``, then ids
+    from a generator seeded with ``key`` (distinct keys give prompts that share no full block)."""
+    lo, hi = token_range(vocab_size)
+    rng = random.Random(f"hpcserve-bench-unmeasured-{key}")
+    return (lo, *(rng.randrange(lo, hi) for _ in range(n - 1)))[:max(n, 0)]
+
+
+def chat_workload(seed: int, rate: float, duration_s: float, vocab_size: int, max_model_len: int | None = None,
+                  *, mode: str) -> list[ChatArrival]:
+    """Poisson arrivals (exponential gaps at ``rate``/s) in [0, duration_s), with their prompts. The
+    times and lengths depend on ``seed`` only, the token ids on ``seed`` and ``mode``."""
+    shape = random.Random(f"hpcserve-bench-mixed-chat-{seed}")
+    ids = random.Random(f"hpcserve-bench-mixed-chat-{mode}-{seed}")
     out: list[ChatArrival] = []
-    t = rng.expovariate(rate)
+    t = shape.expovariate(rate)
     while t < duration_s:
-        ids, max_tokens = _draw(rng, CHAT_PROMPT_LEN, CHAT_OUTPUT_LEN, vocab_size, max_model_len)
-        out.append(ChatArrival(len(out), t, ids, max_tokens))
-        t += rng.expovariate(rate)
+        p, o = fit_lengths(shape.randint(*CHAT_PROMPT_LEN), shape.randint(*CHAT_OUTPUT_LEN), max_model_len)
+        out.append(ChatArrival(len(out), t, measured_ids(ids, p, vocab_size), o))
+        t += shape.expovariate(rate)
     return out
 
 
-def batch_workload(seed: int, num_lines: int, vocab_size: int, max_model_len: int | None = None) -> list[BatchLine]:
-    rng = random.Random(f"hpcserve-bench-mixed-batch-{seed}")
+def batch_workload(seed: int, num_lines: int, vocab_size: int, max_model_len: int | None = None, *, mode: str,
+                   start: int = 0) -> list[BatchLine]:
+    """Lines ``start .. start + num_lines - 1`` (``custom_id`` "line-i"): line i's lengths depend on
+    ``seed`` and i, its token ids also on ``mode``; so any number of lines can be drawn in pieces."""
     out = []
-    for i in range(num_lines):
-        ids, max_tokens = _draw(rng, BATCH_PROMPT_LEN, BATCH_OUTPUT_LEN, vocab_size, max_model_len)
-        out.append(BatchLine(f"line-{i}", ids, max_tokens))
+    for i in range(start, start + num_lines):
+        shape = random.Random(f"hpcserve-bench-mixed-batch-{seed}-{i}")
+        p, o = fit_lengths(shape.randint(*BATCH_PROMPT_LEN), shape.randint(*BATCH_OUTPUT_LEN), max_model_len)
+        ids = measured_ids(random.Random(f"hpcserve-bench-mixed-batch-{mode}-{seed}-{i}"), p, vocab_size)
+        out.append(BatchLine(f"line-{i}", ids, o))
     return out
 
 
@@ -151,6 +177,7 @@ class ChatRecord:
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (receive time, tokens)
     error: str | None = None                                 # set when the stream failed
     done: bool = False                                       # the stream ended (either way)
+    cached_tokens: int = 0                                   # prompt tokens served from the prefix cache
 
     @property
     def times(self) -> list[float]:
@@ -209,7 +236,8 @@ def window_deltas(start: Snapshot, end: Snapshot, window_s: float) -> dict:
 
 
 def mode_metrics(records: Sequence[ChatRecord], start: Snapshot, end: Snapshot, window_s: float,
-                 ttft_slo_s: float, itl_slo_s: float, has_chat: bool, window_end: float | None = None) -> dict:
+                 ttft_slo_s: float, itl_slo_s: float, has_chat: bool, window_end: float | None = None,
+                 batch_cached_tokens: int | None = None) -> dict:
     """One mode's metrics (the JSON keys; see bench/README.md):
 
     - latency: TTFT and pooled ITL percentiles over the chat requests that arrived in the window
@@ -222,6 +250,10 @@ def mode_metrics(records: Sequence[ChatRecord], start: Snapshot, end: Snapshot, 
       that met their SLO, received by ``window_end`` (None: all of them)) / window.
       ``economic_utilization`` (and ``_batch``, ``_interactive``) are filled in by the caller from
       the daemon's usage snapshots (``hpcserve.daemon.utilization.window_utilization``).
+    - cached prompt tokens (served from the prefix cache, not computed): ``num_cached_tokens_chat``
+      over the window's chat requests (``usage.cached_tokens`` of their last chunk),
+      ``num_cached_tokens_batch`` as given (the batch lines answered in the window; None: unknown),
+      ``num_cached_tokens`` their sum.
     """
     d = window_deltas(start, end, window_s)
     good = [r for r in records if meets_slo(r, ttft_slo_s, itl_slo_s)]
@@ -232,6 +264,7 @@ def mode_metrics(records: Sequence[ChatRecord], start: Snapshot, end: Snapshot, 
             "slo_attainment": len(good) / len(records) if records else None}
     if not has_chat:
         chat = dict.fromkeys(CHAT_FIELDS)
+    chat_cached = sum(r.cached_tokens for r in records)
     good_tokens = sum(r.num_tokens if window_end is None else sum(t <= window_end for t in r.times) for r in good)
     return {
         "window_s": window_s,
@@ -248,6 +281,9 @@ def mode_metrics(records: Sequence[ChatRecord], start: Snapshot, end: Snapshot, 
         "goodput_chat_tokens": good_tokens,
         "economic_utilization": None,
         "num_preemptions": d["preemptions"],
+        "num_cached_tokens": chat_cached + (batch_cached_tokens or 0),
+        "num_cached_tokens_chat": chat_cached,
+        "num_cached_tokens_batch": batch_cached_tokens,
     }
 
 
@@ -313,7 +349,8 @@ _ROWS = (  # (key, label, format)
     ("economic_utilization", "economic util.", ".2f"),
     ("economic_utilization_batch", " of it batch", ".2f"),
     ("economic_utilization_interactive", " of it chat", ".2f"), ("num_preemptions", "preemptions", "d"),
-    ("window_s", "window s", ".1f"), ("batch_saturated", "batch saturated", "yn"),
+    ("num_cached_tokens", "cached prompt tok", "d"), ("window_s", "window s", ".1f"),
+    ("batch_saturated", "batch saturated", "yn"),
 )
 
 
@@ -325,26 +362,68 @@ def render_table(result: Mapping) -> str:
     for key, label, spec in _ROWS:
         lines.append(f"{label:<16}" + "".join(f"{_f((modes[m] or {}).get(key), spec):>12}" for m in names))
     cfg = result.get("config", {})
-    lines.append(f"SLO: TTFT <= {cfg.get('chat_ttft_slo_s')} s and per-request p99 ITL <= "
-                 f"{cfg.get('chat_itl_slo_s')} s")
+    lines.append(slo_line(cfg))
     if "targets" in result:
         lines += target_lines(result["targets"])
     early = [m for m in names if (modes[m] or {}).get("batch_saturated") is False]
     if early:
-        lines.append(f"note: the batch finished inside the window in {', '.join(early)}: the pool was not kept "
-                     "busy, so batch numbers understate capacity; raise --batch-lines")
+        lines.append(f"note: the batch ran out of lines inside the window in {', '.join(early)}: the pool was "
+                     "not kept busy, so batch numbers understate capacity")
+    lines += config_lines(cfg)
     return "\n".join(lines)
+
+
+def slo_line(cfg: Mapping) -> str:
+    """The SLOs used and how they were derived (``cfg["slo"]``, see ``hpcserve.bench.slo.derive``)."""
+    line = (f"SLO: TTFT <= {_f(cfg.get('chat_ttft_slo_s'), '.3g')} s and per-request p99 ITL <= "
+            f"{_f(cfg.get('chat_itl_slo_s'), '.3g')} s")
+    how = (cfg.get("slo") or {}).get("derivation")
+    return f"{line} ({how})" if how else line
+
+
+def config_lines(cfg: Mapping) -> list[str]:
+    """Where it ran: the machine and engine paths (``cfg["machine"]``) and each mode's daemon."""
+    from hpcserve.bench.machine import describe
+
+    lines = describe(cfg["machine"]) if cfg.get("machine") else []
+    for mode, keys in (cfg.get("daemons") or {}).items():
+        lines.append(f"daemon {mode}: " + ", ".join(f"{k} = {v}" for k, v in keys.items()))
+    return lines
 
 
 # -------------------------------------------------------------------------------------- config
 
+def placement(mode: str, ranks: int) -> dict:
+    """The ``[daemon]`` keys of a mode's daemon (all its other keys are the same in every mode):
+    split dedicates ``ranks // 2`` replicas to chat; chat_only spreads chat over the replicas
+    (``chat-pack-limit = 0``: packing exists to leave batch work uncapped on the other replicas, which
+    chat alone does not need); the others keep the site's packing."""
+    out = {"dedicated-chat-replicas": ranks // 2 if mode == "split" else 0}
+    if mode == "chat_only":
+        out["chat-pack-limit"] = 0
+    return out
+
+
 def daemon_config(user_doc: Mapping | None, ttft_slo_s: float, itl_slo_s: float,
-                  dedicated_chat_replicas: int) -> dict:
-    """The user's site TOML (parsed) with the SLO keys and the split key set for one daemon."""
+                  dedicated_chat_replicas: int, chat_pack_limit: int | None = None,
+                  num_threads: int | None = None) -> dict:
+    """The user's site TOML (parsed) with the SLO keys and the placement keys set for one daemon
+    (``chat_pack_limit`` None: the user's), and ``engine.num-threads`` set to ``num_threads`` unless
+    the user's file sets it."""
     doc = {t: dict(v) for t, v in (user_doc or {}).items()}
     doc.setdefault("slo", {}).update({"chat-ttft-p99-s": float(ttft_slo_s), "chat-itl-p99-s": float(itl_slo_s)})
     doc.setdefault("daemon", {})["dedicated-chat-replicas"] = int(dedicated_chat_replicas)
+    if chat_pack_limit is not None:
+        doc["daemon"]["chat-pack-limit"] = int(chat_pack_limit)
+    if num_threads is not None:
+        doc.setdefault("engine", {}).setdefault("num-threads", int(num_threads))
     return doc
+
+
+def rank_threads(site_num_threads: int | None, ranks: int, cpu_count: int | None) -> int | None:
+    """``engine.num-threads`` for the benchmark's daemons: None when the site config sets it, else
+    cores // ranks (at least 1), so the ranks do not oversubscribe the cores."""
+    return None if site_num_threads else max(1, (cpu_count or 1) // ranks)
 
 
 def _toml_scalar(v) -> str:

@@ -8,15 +8,21 @@ import click
 
 
 def _workload_options(config_note: str):
-    """--seed, --config, --chat-ttft-slo, --chat-itl-slo and --json: shared by the benchmarks that
-    start daemons and drive a chat workload against SLOs (mixed, disagg)."""
+    """--seed, --config, --chat-ttft-slo, --chat-itl-slo, --slo-scale and --json: shared by the
+    benchmarks that start daemons and drive a chat workload against SLOs (mixed, disagg)."""
+    from hpcserve.bench.slo import SLO_SCALE
+
     def deco(f):
         f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")(f)
+        f = click.option("--slo-scale", default=SLO_SCALE, show_default=True, type=click.FloatRange(0, min_open=True),
+                         help="Default SLOs = this x the unloaded TTFT / ITL p99 measured on a daemon of their own "
+                              "before the modes (see bench/README.md).")(f)
         f = click.option("--chat-itl-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-                         help="Chat ITL SLO for attainment and goodput [default: the config's slo.chat-itl-p99-s].")(f)
+                         help="Chat ITL SLO for attainment and goodput [default: --slo-scale x the unloaded "
+                              "ITL p99].")(f)
         f = click.option("--chat-ttft-slo", default=None, type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-                         help="Chat TTFT SLO for attainment and goodput [default: the config's "
-                              "slo.chat-ttft-p99-s].")(f)
+                         help="Chat TTFT SLO for attainment and goodput [default: --slo-scale x the unloaded "
+                              "TTFT].")(f)
         f = click.option("--config", "config_path", default=None, metavar="FILE",
                          type=click.Path(dir_okay=False, exists=True),
                          help=f"Site config TOML for the daemons ({config_note}).")(f)
@@ -35,52 +41,75 @@ def bench() -> None:
 @click.option("--num-prompts", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--input-len", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Checkpoint dtype (both engines compute in hpcserve's compute dtype for it).")
 @click.option("--baseline", default=None, type=click.Choice(["hf"]), help="Also run transformers generate on the same prompts.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads for both engines (default: torch's choice).")
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(1), help="Alternate the engines this many rounds; each one's best round counts.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts (each round draws its own).")
+@click.option("--prefix-caching", is_flag=True, help="Turn hpcserve's prefix cache on (off by default: the prompts "
+              "share no prefixes, and transformers has no such cache).")
+@click.option("--native-baseline", is_flag=True, help="When hpcserve computes a bf16 checkpoint in fp32 here, also "
+              "time transformers in native bf16 (an extra number, not the headline ratio).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threads, repeats, as_json) -> None:
+def throughput(model, num_prompts, input_len, output_len, dtype, baseline, threads, repeats, seed, prefix_caching,
+               native_baseline, as_json) -> None:
     """Offline generation throughput: random prompts, fixed output length, greedy.
 
     Every prompt generates exactly --output-len tokens (EOS ignored). With
     --baseline hf, transformers' generate runs the same prompts in the same
-    process; the two alternate for --repeats rounds, each one's best round
-    counts, and the ratio hpcserve/baseline is printed. The cores are shared:
-    compare ratios, and use --repeats 3 or more for numbers you quote.
+    process, in the same compute dtype on the same weight values; the two
+    alternate for --repeats rounds, every round (and the warm-up) on prompts
+    of its own, each engine's best round counts, and the ratio
+    hpcserve/baseline is printed. hpcserve's prefix cache is off unless
+    --prefix-caching. The cores are shared: compare ratios, and use --repeats
+    3 or more for numbers you quote. See bench/README.md.
     """
+    from hpcserve.bench.machine import describe
     from hpcserve.bench.throughput import run_throughput
 
     say = None if as_json else (lambda m: click.echo(f"... {m}", err=True))
     res = run_throughput(
-        model, num_prompts, input_len, output_len, dtype, baseline, num_threads=threads, repeats=repeats, progress=say
+        model, num_prompts, input_len, output_len, dtype, baseline, num_threads=threads, seed=seed, repeats=repeats,
+        prefix_caching=prefix_caching, native_baseline=native_baseline, progress=say,
     )
     if as_json:
         click.echo(json.dumps(res))
         return
-    h, b = res["hpcserve"], res["baseline"]
-    click.echo(f"{'engine':<10} {'tokens/s':>10} {'elapsed s':>10}  dtype (compute)")
-    click.echo(f"{'hpcserve':<10} {h['tokens_per_s']:>10.1f} {h['elapsed_s']:>10.2f}  {h['dtype']} ({h['compute_dtype']})")
-    if b:
-        click.echo(f"{b['name']:<10} {b['tokens_per_s']:>10.1f} {b['elapsed_s']:>10.2f}  {b['dtype']}")
-        click.echo(f"ratio: {res['ratio']:.2f}x   greedy outputs identical: {res['greedy_match']:.0%}")
+    for line in describe(res["machine"]):
+        click.echo(line)
+    h = res["hpcserve"]
+    click.echo(f"{'engine':<10} {'tokens/s':>10} {'elapsed s':>10} {'cached tok':>10}  checkpoint -> compute dtype")
+    rows = [("hpcserve", h, "")] + [(b["name"], b, label) for b, label in
+                                    ((res["baseline"], ""), (res["baseline_native"], "  (extra, not the headline)"))
+                                    if b]
+    for name, e, label in rows:
+        click.echo(f"{name:<10} {e['tokens_per_s']:>10.1f} {e['elapsed_s']:>10.2f} {e['num_cached_tokens']:>10d}  "
+                   f"{e['checkpoint_dtype']} -> {e['compute_dtype']}{label}")
+    if res["baseline"]:
+        click.echo(f"ratio: {res['ratio']:.2f}x ({h['compute_dtype']} vs {res['baseline']['compute_dtype']})   "
+                   f"greedy outputs identical: {res['greedy_match']:.0%}")
 
 
 def _mixed_help() -> str:
     from hpcserve.bench import mixed as m
 
-    return f"""Chat and batch on one pool of ranks: four modes, same model and ranks, same load.
+    return f"""Chat and batch on one pool of ranks: four modes, same model and ranks, same load shape.
 
     \b
-    chat_only   Poisson chat arrivals at --chat-rate req/s, no batch
-    batch_only  a batch of --batch-lines lines keeps the pool busy, no chat
+    chat_only   Poisson chat arrivals at --chat-rate req/s, no batch; chat spread
+                over the replicas ([daemon] chat-pack-limit = 0)
+    batch_only  batch lines keep the pool busy, no chat
     shared      both at once on every replica (hpcserve as designed)
-    split       both, on a daemon with [daemon] dedicated-chat-replicas = RANKS // 2
+    split       both, with [daemon] dedicated-chat-replicas = RANKS // 2
 
-    Each mode measures --duration seconds; in batch modes the window opens once the
-    batch is in steady state (a line per batch replica finished). The daemons are real (`hpcserve serve`
-    subprocesses on a temporary state dir, --config merged with the SLO keys); one
-    daemon runs the first three modes, a second one the split.
+    Every mode runs on a fresh daemon (cold prefix cache; `hpcserve serve` subprocesses
+    on a temporary state dir, --config merged with the SLO and placement keys) with
+    prompts of its own (same arrival times and lengths, token ids per mode). The batch
+    is submitted --batch-lines at a time and topped up so it never runs out. Each mode
+    measures --duration seconds; in batch modes the window opens once the batch is in
+    steady state (a line per batch replica finished). Unless both SLOs are given, a
+    first daemon measures the unloaded TTFT and ITL p99; SLOs = --slo-scale x those.
 
     \b
     Workload (token counts, uniform, inclusive; greedy, EOS ignored; token ids
@@ -93,10 +122,9 @@ max_tokens {m.BATCH_OUTPUT_LEN[0]}-{m.BATCH_OUTPUT_LEN[1]}
     Metrics per mode: TTFT and ITL p50/p99, SLO attainment (TTFT <= the TTFT SLO and the
     request's own p99 ITL <= the ITL SLO), batch/chat/total output tok/s and busy fraction
     from the replicas' counters, goodput (batch tokens + tokens of chats that met the SLO,
-    per s) and economic utilization (useful rank-seconds delivered / allocated, from the
-    daemon; docs/utilization.md). The three
+    per s), economic utilization (useful rank-seconds delivered / allocated, from the daemon;
+    docs/utilization.md), and the prompt tokens served from the prefix cache. The three
     targets of issue #4 are printed as PASS/FAIL with their ratios; see bench/README.md.
-    Use --batch-lines large enough that the batch outlasts the window.
     """
 
 
@@ -109,15 +137,16 @@ max_tokens {m.BATCH_OUTPUT_LEN[0]}-{m.BATCH_OUTPUT_LEN[1]}
 @click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Measurement window of each mode, seconds.")
 @click.option("--batch-lines", default=256, show_default=True, type=click.IntRange(1),
-              help="Lines in the batch submitted in batch_only, shared and split.")
-@_workload_options("the benchmark sets the SLO and split keys")
+              help="Lines per batch submission in batch_only, shared and split (more are submitted whenever "
+                   "the backlog runs low).")
+@_workload_options("the benchmark sets the SLO and placement keys")
 def mixed_cmd(model, ranks, chat_rate, duration, batch_lines, seed, config_path, chat_ttft_slo, chat_itl_slo,
-              as_json) -> None:
+              slo_scale, as_json) -> None:
     from hpcserve.bench.loadgen import run_mixed
     from hpcserve.bench.mixed import render_table
 
     res = run_mixed(model, ranks, chat_rate, duration, batch_lines, seed=seed, config_path=config_path,
-                    ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo)
+                    ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo, slo_scale=slo_scale)
     click.echo(json.dumps(res, indent=None) if as_json else render_table(res))
 
 
@@ -127,13 +156,15 @@ def _disagg_help() -> str:
     return f"""Disaggregated prefill/decode against colocated serving on the same ranks.
 
     One run, three measurements (about 2 x (daemon start + parity + --duration + the
-    load's tail) + a few seconds: 4-5 minutes on the demo model with the defaults):
+    load's tail) + the SLO calibration daemon: 5-6 minutes on the demo model with the
+    defaults). Unless both SLOs are given, a first daemon measures the unloaded TTFT (at
+    the longest long prompt) and ITL p99; SLOs = --slo-scale x those.
 
     \b
-    1. ITL under prefill-heavy load. Two daemons, one after the other, on --ranks ranks:
+    1. ITL under prefill-heavy load. Two fresh daemons, one after the other, on --ranks ranks:
          colocated      every replica mixed (prefill and decode, chunked prefill)
          disaggregated  [disagg] roles = "prefill:1,decode:RANKS-1"
-       Same load in both, for --duration seconds: --streams stream slots, each sending
+       Same load shape in both (token ids per mode), for --duration seconds: --streams stream slots, each sending
        greedy requests of {d.STREAM_PROMPT_LEN[0]}-{d.STREAM_PROMPT_LEN[1]} prompt and \
 {d.STREAM_OUTPUT_LEN} output tokens back to back,
        while long prompts ({d.LONG_PROMPT_LEN[0]}-{d.LONG_PROMPT_LEN[1]} tokens, {d.LONG_OUTPUT_LEN} output \
@@ -175,12 +206,12 @@ tokens) arrive as a Poisson
               help="Stream slots (concurrent decode-heavy requests) during the window.")
 @_workload_options("the benchmark sets the SLO keys and disagg.roles")
 def disagg_cmd(model, ranks, duration, rate, streams, seed, config_path, chat_ttft_slo, chat_itl_slo,
-               as_json) -> None:
+               slo_scale, as_json) -> None:
     from hpcserve.bench.disagg import render_table
     from hpcserve.bench.disagg_run import run_disagg
 
     res = run_disagg(model, ranks, duration, rate, streams, seed=seed, config_path=config_path,
-                     ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo)
+                     ttft_slo_s=chat_ttft_slo, itl_slo_s=chat_itl_slo, slo_scale=slo_scale)
     click.echo(json.dumps(res) if as_json else render_table(res))
 
 

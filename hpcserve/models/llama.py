@@ -58,14 +58,27 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: str = "
     3. ``F.linear`` (CUDA, other dtypes).
     ``kernels=False`` skips the first.
     """
-    if device == "cpu" and weight.dtype == torch.float32:
+    path = gemm_path(weight.dtype, device, kernels)
+    if path == "packed_avx2":
+        from hpcserve.kernels import cpu_gemm
+
+        return cpu_gemm.PackedLinear(weight, bias)
+    if path == "onednn":
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return lambda x: F.linear(x, weight, bias)
+
+
+def gemm_path(dtype: torch.dtype, device: str = "cpu", kernels: bool = True) -> str:
+    """Which GEMM ``make_linear`` uses for weights of ``dtype`` on ``device``: ``"packed_avx2"``
+    (the project's kernel, unless ``kernels`` is False), ``"onednn"`` or ``"f_linear"``."""
+    if device == "cpu" and dtype == torch.float32:
         from hpcserve.kernels import cpu_gemm
 
         if kernels and cpu_gemm.available()[0]:
-            return cpu_gemm.PackedLinear(weight, bias)
+            return "packed_avx2"
         if torch.backends.mkldnn.is_available():
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return lambda x: F.linear(x, weight, bias)
+            return "onednn"
+    return "f_linear"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
